@@ -1,0 +1,80 @@
+# mpop3 -- build, install, test like a C server.
+#
+#   make                 build in place (creates the virtualenv .venv first)
+#   make install         install under $(PREFIX) (honours DESTDIR)
+#   make test            build, then run the whole test suite
+#   make bench           build, then run the benchmarks
+#   make run             build, then serve a demo mailbox on 127.0.0.1:1110
+#   make clean           remove what the build made (keeps .venv; distclean removes it)
+
+PYTHON ?= python3
+VENV = .venv
+VPY = $(VENV)/bin/python
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+BINDIR = $(PREFIX)/bin
+LIBDIR = $(PREFIX)/lib/mpop3
+PYLIBDIR = $(LIBDIR)/python
+MODDIR = $(LIBDIR)/modules
+SYSCONFDIR = $(PREFIX)/etc
+DATADIR = $(PREFIX)/share/mpop3
+
+PYTEST_ARGS ?=
+
+.PHONY: all build install test bench run clean distclean
+
+all: build
+
+$(VENV)/.deps: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+build: $(VENV)/.deps
+	$(VPY) setup.py -q build_ext --inplace
+
+# The installed tree is self-contained: its own copy of the package, uvloop
+# and Cython (for module.mk) under $(PYLIBDIR), run by the interpreter that
+# built the extensions; nothing points back into this build tree.
+install: build
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PYLIBDIR)/mpop3/include $(DESTDIR)$(MODDIR) \
+	    $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(DATADIR)/include
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps --upgrade \
+	    --target $(DESTDIR)$(PYLIBDIR) $$($(VPY) -m pip freeze | grep -iE '^(uvloop|cython)==')
+	install -m 644 mpop3/*.py $(DESTDIR)$(PYLIBDIR)/mpop3/
+	install -m 755 mpop3/*.so $(DESTDIR)$(PYLIBDIR)/mpop3/ 2>/dev/null || true
+	install -m 644 mpop3/include/*.pxi $(DESTDIR)$(PYLIBDIR)/mpop3/include/
+	install -m 644 mpop3/include/*.pxi $(DESTDIR)$(DATADIR)/include/
+	printf '%s\n' '"""Written by make install: where this copy of mpop3 finds its files."""' \
+	    'CONFIG_FILE = "$(SYSCONFDIR)/mpop3.conf"' 'MODULE_DIR = "$(MODDIR)"' \
+	    'MODULE_MK = "$(DATADIR)/module.mk"' 'INCLUDE_DIR = "$(DATADIR)/include"' \
+	    > $(DESTDIR)$(PYLIBDIR)/mpop3/_layout.py
+	for so in modules/*.so; do \
+	    install -m 755 $$so $(DESTDIR)$(MODDIR)/$$(basename $$so | cut -d. -f1).so; done
+	sed -e 's|@PYTHON@|$(shell $(VPY) -c 'import sys; print(sys._base_executable)')|' \
+	    -e 's|@PYLIBDIR@|$(PYLIBDIR)|' -e 's|@INCLUDEDIR@|$(DATADIR)/include|' \
+	    modules/module.mk > $(DESTDIR)$(DATADIR)/module.mk
+	sed -e 's|@PYTHON@|$(shell $(VPY) -c 'import sys; print(sys._base_executable)')|' \
+	    -e 's|@PYLIBDIR@|$(PYLIBDIR)|' contrib/mpop3.in > $(DESTDIR)$(BINDIR)/mpop3
+	chmod 755 $(DESTDIR)$(BINDIR)/mpop3
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/mpop3.conf ]; then \
+	    echo "keeping the existing $(DESTDIR)$(SYSCONFDIR)/mpop3.conf"; \
+	else install -m 644 mpop3.conf $(DESTDIR)$(SYSCONFDIR)/mpop3.conf; fi
+
+test: build
+	$(VPY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: build
+	$(VPY) -m pytest -q bench
+
+run: build
+	$(VPY) tools/demo.py
+
+clean:
+	rm -rf build mpop3/*.c mpop3/*.so mpop3/*.html modules/*.c modules/*.so modules/*.html \
+	    demo .pytest_cache .benchmarks *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

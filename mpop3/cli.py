@@ -1,0 +1,68 @@
+"""The `mpop3` command: arguments, configuration, modules, then serve."""
+
+import argparse
+import sys
+
+from . import __version__, config, loader, log, paths
+from .errors import ConfigError
+
+USAGE = "mpop3 [-c CONFIG] [-s] [-l ADDR:PORT]... [-d] [--check-config] [--version] [--help]"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="mpop3", usage=USAGE,
+                                description="mpop3, a modular POP3 server. Runs in the foreground.")
+    p.add_argument("-c", "--config", default=paths.CONFIG_FILE, metavar="CONFIG",
+                   help=f"configuration file (default: {paths.CONFIG_FILE})")
+    p.add_argument("-s", "--stdin", action="store_true",
+                   help="serve one session on stdin/stdout (inetd, systemd Accept=yes)")
+    p.add_argument("-l", "--listen", action="append", metavar="ADDR:PORT",
+                   help="listen here instead of the configured addresses (repeatable)")
+    p.add_argument("-d", "--debug", action="store_true", help="log at debug level")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate the configuration, show which module supplies each function, exit")
+    p.add_argument("--module-mk", action="store_true",
+                   help="print the path of module.mk, the Makefile fragment for building modules")
+    p.add_argument("--version", action="version", version=f"mpop3 {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.module_mk:
+        print(paths.MODULE_MK)
+        return 0
+    try:
+        conf = config.load(args.config)
+        if args.listen:
+            conf.values["listen"] = [read_listen_option(text) for text in args.listen]
+        # modules log while they initialise; --check-config shows it on stderr
+        log.setup(conf, debug=args.debug, force_stderr=args.check_config)
+        tables = loader.load_modules(conf)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.check_config:
+        print_check(conf, tables)
+        return 0
+    from . import server
+
+    return server.run(conf, tables, stdin_mode=args.stdin)
+
+
+def read_listen_option(text):
+    try:
+        return config.listen_address(text)
+    except ValueError as e:
+        raise ConfigError("-l", str(e)) from None
+
+
+def print_check(conf, tables):
+    print(f"{conf.path}: configuration OK")
+    print("modules:")
+    for m in tables.modules:
+        print(f"  {m.kind:<7}  {m.name}  {m.path}")
+    if not tables.modules:
+        print("  (none)")
+    for line in loader.function_map(tables):
+        print(line)

@@ -1,0 +1,185 @@
+"""mpop3.conf: one directive per line, module settings as `> name value`.
+
+Every core directive, its default and how its value is read live in
+DIRECTIVES below; README.md and the shipped mpop3.conf document each one.
+Errors are ConfigError("FILE:LINE", what is wrong), one line, no traceback.
+"""
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from . import paths
+from .errors import ConfigError
+
+# --- value readers: each takes the text after the directive name ---------
+
+
+def listen_address(text):
+    """`ADDR:PORT`, `[V6ADDR]:PORT` or `PORT` (all IPv4 addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "0.0.0.0", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not ADDR:PORT with a numeric address") from None
+    return host, port_number(port)
+
+
+def port_number(text):
+    number = positive_int(text)
+    if number > 65535:
+        raise ValueError(f"port {text} is out of range 1-65535")
+    return number
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) == 0:
+        raise ValueError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def one_of(*choices):
+    def read(text):
+        if text not in choices:
+            raise ValueError(f"{text!r} is not one of: {', '.join(choices)}")
+        return text
+
+    return read
+
+
+def path(text):
+    return text
+
+
+@dataclass(frozen=True)
+class Directive:
+    name: str
+    read: object  # text -> value; raises ValueError with a readable message
+    default: object
+    repeatable: bool = False
+
+
+DIRECTIVES = {
+    d.name: d
+    for d in [
+        Directive("listen", listen_address, [("0.0.0.0", 110)], repeatable=True),
+        Directive("module_dir", path, paths.MODULE_DIR),
+        Directive("log", one_of("stderr", "syslog"), "stderr"),
+        Directive("syslog_facility", one_of("mail", "daemon", "auth", "user",
+                                            *(f"local{i}" for i in range(8))), "mail"),
+        Directive("log_level", one_of("debug", "info", "warning", "error"), "info"),
+    ]
+}
+
+MODULE_DIRECTIVES = {"auth_module": "auth", "storage_module": "storage"}
+
+
+@dataclass
+class ModuleLine:
+    """One auth_module/storage_module line and the `> ` settings after it."""
+
+    kind: str  # "auth" or "storage"
+    file: str  # as written: a bare name (looked up in module_dir) or a path
+    where: str  # "FILE:LINE" of the module line
+    settings: dict = field(default_factory=dict)  # name -> value
+    setting_lines: dict = field(default_factory=dict)  # name -> "FILE:LINE"
+
+
+@dataclass
+class Config:
+    path: str
+    values: dict  # directive name -> value (a list for repeatable ones)
+    modules: list  # ModuleLine, in file order
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def load(path):
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, f"cannot read the configuration: {e.strerror}") from None
+    return parse(text, path)
+
+
+def strip_comment(line):
+    """Drop a `#` comment: at the start of the line or after whitespace."""
+    for i, ch in enumerate(line):
+        if ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i]
+    return line
+
+
+def parse(text, path="mpop3.conf"):
+    values = {}
+    modules = []
+    settings_target = None  # the module line that `> ` lines attach to now
+    for number, raw in enumerate(text.splitlines(), 1):
+        where = f"{path}:{number}"
+        line = strip_comment(raw).strip()
+        if not line:
+            continue
+        if line.startswith(">"):
+            module_setting(settings_target, line[1:].strip(), where)
+            continue
+        name, _, value = line.partition(" ")
+        name, value = name.strip(), value.strip()
+        settings_target = None
+        if name in MODULE_DIRECTIVES:
+            if not value:
+                raise ConfigError(where, f"{name} needs a module name or path")
+            settings_target = ModuleLine(MODULE_DIRECTIVES[name], value, where)
+            modules.append(settings_target)
+            continue
+        directive = DIRECTIVES.get(name)
+        if directive is None:
+            raise ConfigError(where, f"unknown directive {name!r}")
+        if not value:
+            raise ConfigError(where, f"{name} needs a value")
+        try:
+            parsed = directive.read(value)
+        except ValueError as e:
+            raise ConfigError(where, f"bad value for {name}: {e}") from None
+        if directive.repeatable:
+            values.setdefault(name, []).append(parsed)
+        elif name in values:
+            raise ConfigError(where, f"{name} is given twice")
+        else:
+            values[name] = parsed
+    for name, directive in DIRECTIVES.items():
+        values.setdefault(name, directive.default)
+    return Config(path=path, values=values, modules=modules)
+
+
+def module_setting(module, text, where):
+    if module is None:
+        raise ConfigError(where, "a '> ' module setting must follow its auth_module or storage_module line")
+    name, _, value = text.partition(" ")
+    if not name:
+        raise ConfigError(where, "a '> ' line needs a setting name")
+    if name in module.settings:
+        raise ConfigError(where, f"setting {name!r} is given twice for module {module.file}")
+    module.settings[name] = value.strip()
+    module.setting_lines[name] = where
+
+
+def resolve_module_file(file, module_dir):
+    """A bare name is looked up in module_dir; anything with a / is a path."""
+    if "/" in file:
+        return os.path.abspath(file)
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    for suffix in [".so", *EXTENSION_SUFFIXES]:
+        candidate = os.path.join(module_dir, file + suffix)
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join(module_dir, file + ".so")

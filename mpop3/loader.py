@@ -1,0 +1,117 @@
+"""Load auth and storage modules and build the two function tables.
+
+The rules (DESIGN section 2), as the C program's README promised them:
+modules load in config order; for each table entry the first module of that
+class defining it wins; entries no module defines keep the table's default.
+(The C loader let the last module win and reset the rest to NULL; we don't.)
+"""
+
+import importlib.machinery
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+
+from . import ABI_VERSION
+from .auth_functions import AuthFunctions
+from .config import resolve_module_file
+from .errors import ConfigError, ModuleInitError
+from .storage_functions import StorageFunctions
+
+log = logging.getLogger("mpop3.module")
+
+
+
+@dataclass
+class LoadedModule:
+    name: str  # the file's stem, e.g. "auth_file"
+    path: str
+    kind: str
+    module: object
+
+
+@dataclass
+class Tables:
+    auth: AuthFunctions
+    storage: StorageFunctions
+    modules: list  # LoadedModule, in load order
+
+
+def load_modules(config):
+    tables = {"auth": AuthFunctions(), "storage": StorageFunctions()}
+    loaded = []
+    for line in config.modules:
+        path = resolve_module_file(line.file, config.module_dir)
+        module = import_module_file(path, line.where)
+        check_declarations(module, line, path)
+        run_init(module, line, path)
+        name = os.path.splitext(os.path.basename(path))[0].split(".")[0]
+        table = tables[line.kind]
+        supplied = [entry for entry in table.entry_names()
+                    if callable(getattr(module, entry, None)) and table.supply(entry, getattr(module, entry), name)]
+        log.info("loaded %s module %s (ABI %d), supplying: %s", line.kind, path,
+                 module.MPOP3_ABI_VERSION, ", ".join(supplied) or "nothing new")
+        loaded.append(LoadedModule(name, path, line.kind, module))
+    return Tables(tables["auth"], tables["storage"], loaded)
+
+
+def import_module_file(path, where):
+    """Load a compiled extension from any path; its stem names PyInit_<stem>."""
+    if not os.path.exists(path):
+        raise ConfigError(where, f"module {path}: no such file")
+    stem = os.path.basename(path).split(".")[0]
+    if not stem.isidentifier():
+        raise ConfigError(where, f"module {path}: file name must be a valid identifier followed by .so")
+    name = f"mpop3.modules.{stem}"
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except ImportError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(where, f"module {path}: not an mpop3 module (cannot load it: {reason})") from None
+    except Exception as e:  # the module's own import-time code failed
+        raise ConfigError(where, f"module {path}: failed to load: {type(e).__name__}: {e}") from None
+    return module
+
+
+def check_declarations(module, line, path):
+    kind = getattr(module, "MPOP3_MODULE_CLASS", None)
+    abi = getattr(module, "MPOP3_ABI_VERSION", None)
+    if kind is None or abi is None:
+        raise ConfigError(line.where, f"module {path}: not an mpop3 module (no MPOP3_MODULE_CLASS/MPOP3_ABI_VERSION)")
+    if kind != line.kind:
+        directive = f"{kind}_module" if kind in ("auth", "storage") else "nothing"
+        raise ConfigError(line.where, f"module {path}: is a {kind!r} module, not {line.kind!r} (load it with {directive})")
+    if abi != ABI_VERSION:
+        raise ConfigError(line.where, f"module {path}: built for module ABI {abi}, this mpop3 speaks ABI {ABI_VERSION}; rebuild it")
+    accepted = getattr(module, "MPOP3_SETTINGS", {}) or {}
+    for name in line.settings:
+        if name not in accepted:
+            known = ", ".join(sorted(accepted)) or "none"
+            raise ConfigError(line.setting_lines[name],
+                              f"module {path} does not accept setting {name!r} (it accepts: {known})")
+
+
+def run_init(module, line, path):
+    init = getattr(module, "module_init", None)
+    if init is None:
+        return
+    try:
+        init(dict(line.settings))
+    except (ModuleInitError, ValueError, OSError) as e:
+        raise ConfigError(line.where, f"module {path}: init failed: {e}") from None
+    except Exception as e:
+        raise ConfigError(line.where, f"module {path}: init failed: {type(e).__name__}: {e}") from None
+
+
+def function_map(tables):
+    """Lines like a linker map: each table entry and the module supplying it."""
+    out = []
+    for table in (tables.auth, tables.storage):
+        out.append(f"{table.CLASS} functions:")
+        width = max(len(n) for n in table.entry_names())
+        for entry in table.entry_names():
+            out.append(f"  {entry:<{width}}  {table.supplied_by[entry]}")
+    return out
