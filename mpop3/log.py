@@ -20,5 +20,8 @@ def setup(config, debug=False, force_stderr=False):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("mpop3[%(process)d]: %(levelname)s: %(message)s"))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else LEVELS[config.log_level])
+    level = LEVELS[config.log_level]
+    if force_stderr:  # --check-config: only what needs the administrator's eye
+        level = max(level, logging.WARNING)
+    root.setLevel(logging.DEBUG if debug else level)
     return root

@@ -1,0 +1,57 @@
+"""Fixtures of the foundation tests: an installed copy of mpop3, and test
+modules built out of tree with its module.mk."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_MODULE_SOURCES = os.path.join(TREE, "tests", "modules")
+
+
+def run_mpop3(*args, cwd=None, executable=None):
+    """Run the mpop3 command; returns the CompletedProcess (text mode)."""
+    command = [executable] if executable else [sys.executable, "-m", "mpop3"]
+    return subprocess.run(command + list(args), capture_output=True, text=True, cwd=cwd or TREE, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory):
+    """`make install PREFIX=<tmp>`: the prefix, as a user would have it."""
+    prefix = tmp_path_factory.mktemp("prefix")
+    subprocess.run(["make", "-s", "install", f"PREFIX={prefix}"], cwd=TREE, check=True,
+                   capture_output=True, timeout=300)
+    return prefix
+
+
+def build_module(installed, workdir, source):
+    """Build `source` (a .pyx) in `workdir` with a two-line Makefile that
+    includes the installed module.mk, as a module writer would."""
+    name = os.path.basename(source)[:-4]
+    os.makedirs(workdir, exist_ok=True)
+    with open(source) as src, open(os.path.join(workdir, name + ".pyx"), "w") as dst:
+        dst.write(src.read())
+    with open(os.path.join(workdir, "Makefile"), "w") as mk:
+        mk.write(f"MODULE = {name}\ninclude $(shell mpop3 --module-mk)\n")
+    env = dict(os.environ, PATH=f"{installed}/bin:{os.environ['PATH']}")
+    return subprocess.Popen(["make", "-s"], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="session")
+def test_modules(installed, tmp_path_factory):
+    """Every tests/modules/*.pyx built out of tree; name -> path of the .so."""
+    root = tmp_path_factory.mktemp("modules")
+    builds = {}
+    for file in sorted(os.listdir(TEST_MODULE_SOURCES)):
+        if file.endswith(".pyx"):
+            name = file[:-4]
+            builds[name] = build_module(installed, root / name, os.path.join(TEST_MODULE_SOURCES, file))
+    paths = {}
+    for name, proc in builds.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"building {name} failed:\n{output}"
+        paths[name] = str(root / name / f"{name}.so")
+    return paths

@@ -1,0 +1,48 @@
+"""`make install` lays out a self-contained tree under PREFIX (and DESTDIR),
+and never overwrites an administrator's mpop3.conf."""
+
+import os
+import subprocess
+
+from conftest import TREE, run_mpop3
+
+
+def test_installed_layout_and_version(installed):
+    from mpop3 import __version__
+
+    for path in ("bin/mpop3", "etc/mpop3.conf", "lib/mpop3/modules/auth_file.so",
+                 "lib/mpop3/modules/storage_mbox.so", "share/mpop3/module.mk",
+                 "share/mpop3/include/mpop3_module.pxi"):
+        assert os.path.exists(installed / path), path
+    result = run_mpop3("--version", executable=f"{installed}/bin/mpop3")
+    assert result.stdout.strip() == f"mpop3 {__version__}"
+    assert run_mpop3("--module-mk", executable=f"{installed}/bin/mpop3").stdout.strip() == \
+        f"{installed}/share/mpop3/module.mk"
+
+
+def test_installed_copy_uses_its_own_config_and_modules(installed):
+    result = run_mpop3("--check-config", executable=f"{installed}/bin/mpop3", cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert f"{installed}/etc/mpop3.conf: configuration OK" in result.stdout
+    assert f"{installed}/lib/mpop3/modules/auth_file.so" in result.stdout
+    assert TREE not in result.stdout  # nothing points back into the build tree
+
+
+def test_install_keeps_an_existing_config(installed):
+    conf = installed / "etc" / "mpop3.conf"
+    conf.write_text("# the administrator's own\nauth_module auth_file\n")
+    subprocess.run(["make", "-s", "install", f"PREFIX={installed}"], cwd=TREE, check=True,
+                   capture_output=True, timeout=300)
+    assert conf.read_text() == "# the administrator's own\nauth_module auth_file\n"
+
+
+def test_destdir_stages_without_baking_it_in(tmp_path):
+    stage = tmp_path / "stage"
+    subprocess.run(["make", "-s", "install", f"DESTDIR={stage}", "PREFIX=/opt/mpop3"], cwd=TREE,
+                   check=True, capture_output=True, timeout=300)
+    launcher = (stage / "opt/mpop3/bin/mpop3").read_text()
+    assert '"/opt/mpop3/lib/mpop3/python"' in launcher
+    assert str(stage) not in launcher
+    layout = (stage / "opt/mpop3/lib/mpop3/python/mpop3/_layout.py").read_text()
+    assert 'CONFIG_FILE = "/opt/mpop3/etc/mpop3.conf"' in layout
+    assert str(stage) not in (stage / "opt/mpop3/share/mpop3/module.mk").read_text()

@@ -1,0 +1,128 @@
+"""The module loader: config order, first module wins per function,
+defaults for the rest, settings handed over, and every refusal as one line.
+Test modules are built out of tree with the installed module.mk."""
+
+import os
+import re
+
+from conftest import run_mpop3
+from mpop3 import config, loader
+from test_config import assert_one_line_error, write_conf
+
+
+def load(text):
+    return loader.load_modules(config.parse(text, "test.conf"))
+
+
+def test_first_module_defining_a_function_wins(test_modules):
+    tables = load(
+        f"auth_module {test_modules['first_auth']}\n"
+        "> greeting hello\n"
+        f"auth_module {test_modules['second_auth']}\n"
+    )
+    auth = tables.auth
+    # both define auth_password: the first one's is used (the C loader used the last)
+    assert auth.auth_password("u") == "first:hello"
+    assert auth.supplied_by["auth_password"] == "first_auth"
+    # only the second defines auth_need_root: it supplies it
+    assert auth.auth_need_root() is True
+    assert auth.supplied_by["auth_need_root"] == "second_auth"
+    # nobody defines auth_attempt_login: the default, which reaches the
+    # modules' auth_password and auth_login through the table
+    assert auth.supplied_by["auth_attempt_login"] == "default"
+    assert auth.auth_attempt_login("u", "first:hello") == "first-mailbox"
+    assert auth.auth_attempt_login("u", "second") is None
+    assert auth.auth_default_login_delay() == 0
+    assert [m.name for m in tables.modules] == ["first_auth", "second_auth"]
+
+
+def test_order_in_the_config_decides(test_modules):
+    tables = load(f"auth_module {test_modules['second_auth']}\nauth_module {test_modules['first_auth']}\n")
+    assert tables.auth.auth_password("u") == "second"
+    assert tables.auth.auth_login("u") == "first-mailbox"
+
+
+def test_defaults_without_modules():
+    tables = load("")
+    assert tables.auth.auth_password("anyone") is None
+    assert tables.auth.auth_attempt_login("anyone", "") is None
+    assert re.fullmatch(r"<\d+\.\d+\.\d+@\S+>", tables.auth.auth_timestamp())
+    assert tables.auth.auth_timestamp() != tables.auth.auth_timestamp()
+    storage = tables.storage
+    handle = storage.storage_lock_mailbox("box")
+    assert storage.storage_message_count(handle) == 0
+    assert list(storage.storage_dump_message(handle, 0)) == [b".\r\n"]
+    assert all(v == "default" for v in storage.supplied_by.values())
+
+
+def test_out_of_tree_module_overrides_one_function_before_auth_file(installed, test_modules, tmp_path):
+    """A module built with only the installed module.mk, loaded before
+    auth_file, supplies its one function; the rest come from auth_file or
+    the defaults."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:wonderland:alicebox\n")
+    conf = write_conf(tmp_path, f"auth_module {test_modules['override_delay']}\n"
+                                f"auth_module auth_file\n> passwd_file {passwd}\n")
+    result = run_mpop3("--check-config", "-c", conf, executable=f"{installed}/bin/mpop3")
+    assert result.returncode == 0, result.stderr
+    table = dict(re.findall(r"^  (auth_\w+)\s+(\S+)$", result.stdout, re.M))
+    assert table == {
+        "auth_attempt_login": "auth_file", "auth_timestamp": "default", "auth_password": "auth_file",
+        "auth_login": "auth_file", "auth_login_delay_needed": "override_delay",
+        "auth_default_login_delay": "default", "auth_need_root": "default",
+    }
+    # and in use: the override answers, auth_file still checks passwords
+    tables = load(f"auth_module {test_modules['override_delay']}\nauth_module auth_file\n> passwd_file {passwd}\n")
+    assert tables.auth.auth_login_delay_needed("alice") == 42
+    assert tables.auth.auth_attempt_login("alice", "wonderland") == "alicebox"
+    assert tables.auth.auth_attempt_login("alice", "wrong") is None
+
+
+def test_module_mk_makefile_is_two_lines(test_modules):
+    makefile = os.path.join(os.path.dirname(test_modules["override_delay"]), "Makefile")
+    with open(makefile) as f:
+        assert len(f.read().splitlines()) <= 4
+
+
+def test_abi_mismatch_is_refused(tmp_path, test_modules):
+    path = write_conf(tmp_path, f"# x\nauth_module {test_modules['wrong_abi']}\n")
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:2",
+                          r"wrong_abi\.so: built for module ABI 99, this mpop3 speaks ABI 1; rebuild it")
+
+
+def test_failing_init_is_refused(tmp_path, test_modules):
+    path = write_conf(tmp_path, f"storage_module {test_modules['failing_init']}\n")
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
+                          r"failing_init\.so: init failed: setting 'needed' is required")
+    # with the setting it loads
+    path = write_conf(tmp_path, f"storage_module {test_modules['failing_init']}\n> needed yes\n")
+    assert run_mpop3("--check-config", "-c", path).returncode == 0
+
+
+def test_extension_without_declarations_is_not_a_module(tmp_path, test_modules):
+    path = write_conf(tmp_path, f"auth_module {test_modules['not_a_module']}\n")
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
+                          r"not_a_module\.so: not an mpop3 module \(no MPOP3_MODULE_CLASS")
+
+
+def test_garbage_file_is_not_a_module(tmp_path):
+    garbage = tmp_path / "garbage.so"
+    garbage.write_text("this is not a shared object\n")
+    path = write_conf(tmp_path, f"auth_module {garbage}\n")
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
+                          r"garbage\.so: not an mpop3 module \(cannot load it")
+
+
+def test_module_of_the_wrong_class_by_path(tmp_path, test_modules):
+    path = write_conf(tmp_path, f"auth_module {test_modules['failing_init']}\n> needed 1\n")
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
+                          r"is a 'storage' module, not 'auth'")
+
+
+def test_module_dir_is_where_bare_names_are_found(tmp_path, test_modules):
+    moddir = os.path.dirname(test_modules["second_auth"])
+    tables = load(f"module_dir {moddir}\nauth_module second_auth\n")
+    assert tables.auth.auth_need_root() is True
+    path = write_conf(tmp_path, f"module_dir {tmp_path}\nauth_module auth_file\n")
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:2",
+                          rf"module {tmp_path}/auth_file\.so: no such file")
