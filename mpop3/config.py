@@ -42,6 +42,42 @@ def positive_int(text):
     return int(text)
 
 
+def whole_number(text):
+    """0 or more: for limits where 0 has a meaning (usually: off)."""
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def seconds(text):
+    """A duration in seconds, decimals allowed (0.05), never negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def line_length(text):
+    number = positive_int(text)
+    if number < 16:
+        raise ValueError(f"{text} is too short for a POP3 command line (at least 16)")
+    return number
+
+
+def expire_policy(text):
+    """RFC 2449 EXPIRE: `never` or a number of days."""
+    if text.lower() == "never":
+        return "NEVER"
+    return whole_number(text)
+
+
+def text_value(text):
+    return text
+
+
 def one_of(*choices):
     def read(text):
         if text not in choices:
@@ -72,6 +108,20 @@ DIRECTIVES = {
         Directive("syslog_facility", one_of("mail", "daemon", "auth", "user",
                                             *(f"local{i}" for i in range(8))), "mail"),
         Directive("log_level", one_of("debug", "info", "warning", "error"), "info"),
+        # protocol limits and timing (the session, mpop3/session.py)
+        Directive("max_line_length", line_length, 512),
+        Directive("max_bad_commands", positive_int, 20),
+        Directive("max_login_failures", positive_int, 3),
+        Directive("login_fail_delay", seconds, 2.0),
+        Directive("login_fail_delay_max", seconds, 15.0),
+        Directive("idle_timeout", seconds, 600.0),
+        Directive("max_sessions", positive_int, 1000),
+        Directive("max_sessions_per_ip", positive_int, 32),
+        Directive("shutdown_grace", seconds, 10.0),
+        Directive("worker_threads", positive_int, 8),
+        Directive("login_delay", whole_number, 0),
+        Directive("expire", expire_policy, None),
+        Directive("implementation", text_value, None),
     ]
 }
 

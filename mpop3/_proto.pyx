@@ -1,0 +1,257 @@
+"""POP3 input: split the byte stream into command lines and parse each one.
+
+Two kernels, both plain functions of bytes with no I/O and no logging:
+
+- LineReader splits whatever the socket delivers into lines, at any split
+  point, accepting CRLF and bare LF (popa3d's one relaxation), and reports
+  an over-long line once (TOO_LONG) instead of growing without bound.
+- parse_command() turns one line into (command, arg1, arg2): the verb is
+  matched case-insensitively, the arguments are checked strictly (message
+  numbers overflow-checked: `LIST 4294967297` is an error, never message 1;
+  a NUL anywhere makes the line invalid).
+
+mpop3/proto_reference.py is the plain-Python twin of this file: the same
+API and the same answers, used by the tests as the readable specification.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdlib cimport free, malloc
+from libc.string cimport memchr, memcpy
+
+# Command ids (parse_command's first item). Values > 0 are commands.
+USER = 1
+PASS = 2
+APOP = 3
+STAT = 4
+LIST = 5
+RETR = 6
+DELE = 7
+NOOP = 8
+RSET = 9
+QUIT = 10
+TOP = 11
+UIDL = 12
+CAPA = 13
+# Parse failures (first item <= 0):
+UNKNOWN = 0  # not a command we know, or a NUL in the line
+BAD_ARGS = -1  # a known command with wrong arguments; arg1 is the command id
+
+NAMES = {USER: "USER", PASS: "PASS", APOP: "APOP", STAT: "STAT", LIST: "LIST", RETR: "RETR",
+         DELE: "DELE", NOOP: "NOOP", RSET: "RSET", QUIT: "QUIT", TOP: "TOP", UIDL: "UIDL",
+         CAPA: "CAPA"}
+
+# The largest message number we accept; anything longer is a syntax error
+# rather than wrapping around to a small number.
+MAX_MSG_NUMBER = 2147483647
+# TOP's line count saturates here: `TOP n 99999999...` means the whole message.
+TOP_ALL = 2147483647
+
+TOO_LONG = None  # what LineReader.feed() yields for an over-long line
+
+cdef enum ArgKind:
+    ARGS_NONE       # STAT NOOP RSET QUIT CAPA
+    ARGS_WORD       # USER name
+    ARGS_REST       # PASS: everything after "PASS " (passwords may hold spaces)
+    ARGS_WORD_WORD  # APOP name digest
+    ARGS_NUM        # RETR DELE
+    ARGS_OPT_NUM    # LIST UIDL
+    ARGS_NUM_COUNT  # TOP msg lines
+
+
+cdef int verb_id(const char *p, Py_ssize_t n) noexcept:
+    """The command id of a 3- or 4-letter verb, case-insensitively; 0 if none."""
+    cdef unsigned int key = 0
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if n < 3 or n > 4:
+        return 0
+    for i in range(n):
+        c = <unsigned char>p[i]
+        if c >= c'a' and c <= c'z':
+            c -= 32
+        elif c < c'A' or c > c'Z':
+            return 0
+        key = (key << 8) | c
+    if n == 3:
+        return TOP if key == 0x544F50 else 0
+    if key == 0x55534552: return USER
+    if key == 0x50415353: return PASS
+    if key == 0x41504F50: return APOP
+    if key == 0x53544154: return STAT
+    if key == 0x4C495354: return LIST
+    if key == 0x52455452: return RETR
+    if key == 0x44454C45: return DELE
+    if key == 0x4E4F4F50: return NOOP
+    if key == 0x52534554: return RSET
+    if key == 0x51554954: return QUIT
+    if key == 0x5549444C: return UIDL
+    if key == 0x43415041: return CAPA
+    return 0
+
+
+cdef ArgKind arg_kind(int cmd) noexcept:
+    if cmd == USER: return ARGS_WORD
+    if cmd == PASS: return ARGS_REST
+    if cmd == APOP: return ARGS_WORD_WORD
+    if cmd == RETR or cmd == DELE: return ARGS_NUM
+    if cmd == LIST or cmd == UIDL: return ARGS_OPT_NUM
+    if cmd == TOP: return ARGS_NUM_COUNT
+    return ARGS_NONE
+
+
+cdef long long read_number(const char *p, Py_ssize_t n, long long limit, bint saturate) noexcept:
+    """Decimal digits only, no sign; -1 if not a number or above `limit`
+    (or `limit` itself when `saturate`)."""
+    cdef long long value = 0
+    cdef Py_ssize_t i
+    if n == 0:
+        return -1
+    for i in range(n):
+        if p[i] < c'0' or p[i] > c'9':
+            return -1
+        value = value * 10 + (p[i] - c'0')
+        if value > limit:
+            if not saturate:
+                return -1
+            value = limit
+    return value
+
+
+cdef Py_ssize_t skip_spaces(const char *p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    while i < n and p[i] == c' ':
+        i += 1
+    return i
+
+
+cdef Py_ssize_t word_end(const char *p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    while i < n and p[i] != c' ':
+        i += 1
+    return i
+
+
+def parse_command(bytes line):
+    """(command id, arg1, arg2) for one line without its line end.
+
+    Numbers come back as ints (LIST/UIDL without an argument: None), names
+    and passwords as bytes. Arguments are separated by spaces; extra spaces
+    between and after them are tolerated, except in PASS, whose argument is
+    the rest of the line verbatim.
+    """
+    cdef const char *p = PyBytes_AS_STRING(line)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(line)
+    cdef Py_ssize_t i, j, k, l, m
+    cdef long long a, b
+    cdef int cmd
+    cdef ArgKind kind
+    if memchr(p, 0, <size_t>n) != NULL:
+        return (UNKNOWN, None, None)
+    j = word_end(p, 0, n)
+    cmd = verb_id(p, j)
+    if cmd == 0:
+        return (UNKNOWN, None, None)
+    kind = arg_kind(cmd)
+    if kind == ARGS_REST:
+        # exactly one space after PASS; the password is the rest, spaces and all
+        if j + 1 >= n:
+            return (BAD_ARGS, cmd, None)
+        return (cmd, line[j + 1:], None)
+    # tokens: [i, k) first argument, [l, m) second; nothing after them
+    i = skip_spaces(p, j, n)
+    k = word_end(p, i, n)
+    l = skip_spaces(p, k, n)
+    m = word_end(p, l, n)
+    if skip_spaces(p, m, n) != n:
+        return (BAD_ARGS, cmd, None)  # a third argument
+    if kind == ARGS_NONE:
+        if i == n:
+            return (cmd, None, None)
+    elif kind == ARGS_WORD:
+        if i < n and l == n:
+            return (cmd, line[i:k], None)
+    elif kind == ARGS_WORD_WORD:
+        if l < n:
+            return (cmd, line[i:k], line[l:m])
+    elif kind == ARGS_OPT_NUM:
+        if i == n:
+            return (cmd, None, None)
+        if l == n:
+            a = read_number(p + i, k - i, MAX_MSG_NUMBER, False)
+            if a >= 0:
+                return (cmd, a, None)
+    elif kind == ARGS_NUM:
+        if i < n and l == n:
+            a = read_number(p + i, k - i, MAX_MSG_NUMBER, False)
+            if a >= 0:
+                return (cmd, a, None)
+    elif kind == ARGS_NUM_COUNT:
+        if l < n:
+            a = read_number(p + i, k - i, MAX_MSG_NUMBER, False)
+            b = read_number(p + l, m - l, TOP_ALL, True)
+            if a >= 0 and b >= 0:
+                return (cmd, a, b)
+    return (BAD_ARGS, cmd, None)
+
+
+cdef class LineReader:
+    """Split a byte stream into lines of at most `max_line` octets, line end
+    included. feed() returns the complete lines so far, without their line
+    ends; an over-long line comes out once as TOO_LONG (None) and the rest of
+    it, up to the next LF, is dropped (nginx resyncs the same way)."""
+
+    cdef char *buf
+    cdef Py_ssize_t max_line
+    cdef Py_ssize_t used  # octets of the unfinished line in buf
+    cdef bint skipping  # inside an over-long line: drop input up to the next LF
+
+    def __cinit__(self, Py_ssize_t max_line=255):
+        if max_line < 3:
+            raise ValueError("max_line must allow at least a 1-octet line")
+        self.buf = <char *>malloc(max_line)
+        if self.buf == NULL:
+            raise MemoryError()
+        self.max_line = max_line
+        self.used = 0
+        self.skipping = False
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    @property
+    def pending(self):
+        """Octets held of an unfinished line."""
+        return self.used
+
+    def feed(self, bytes data):
+        cdef list out = []
+        cdef const char *p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef const char *lf
+        cdef Py_ssize_t k
+        while n > 0:
+            lf = <const char *>memchr(p, c'\n', <size_t>n)
+            k = (lf - p) + 1 if lf != NULL else n
+            if self.skipping:
+                self.skipping = lf == NULL
+            elif self.used + k > self.max_line:
+                out.append(TOO_LONG)
+                self.used = 0
+                self.skipping = lf == NULL
+            elif lf != NULL and self.used == 0:
+                out.append(strip_eol(p, k))  # the common case: no copy into buf
+            else:
+                memcpy(self.buf + self.used, p, <size_t>k)
+                self.used += k
+                if lf != NULL:
+                    out.append(strip_eol(self.buf, self.used))
+                    self.used = 0
+            p += k
+            n -= k
+        return out
+
+
+cdef inline bytes strip_eol(const char *s, Py_ssize_t n):
+    # s[n-1] is the LF; CRLF and a bare LF both end a line
+    n -= 1
+    if n > 0 and s[n - 1] == c'\r':
+        n -= 1
+    return PyBytes_FromStringAndSize(s, n)

@@ -1,0 +1,159 @@
+"""Every POP3 reply text in one place, and the one way replies are encoded.
+
+Single-line replies are constants built here; handlers pick one, or call
+one of the small builders below for replies that carry numbers. Every
+`+OK`/`-ERR` has text after the space (old clients need it, RFC 1957);
+response codes follow RFC 2449 section 8 and RFC 3206.
+Never put exception text or class names in a reply.
+"""
+
+CRLF = b"\r\n"
+END = b".\r\n"  # ends a multi-line reply
+
+
+class Reply:
+    """One single-line reply: `+OK text` or `-ERR [CODE] text`."""
+
+    __slots__ = ("ok", "text", "code", "wire")
+
+    def __init__(self, ok, text, code=None):
+        self.ok = ok
+        self.text = text
+        self.code = code
+        status = b"+OK " if ok else b"-ERR "
+        tag = b"[" + code.encode() + b"] " if code else b""
+        self.wire = status + tag + text + CRLF
+
+    def __repr__(self):
+        return f"Reply({self.wire!r})"
+
+
+def ok(text):
+    return b"+OK " + text + CRLF
+
+
+# --- greeting and connection limits ---------------------------------------
+GREETING = b"mpop3 ready"
+ERR_TOO_MANY_SESSIONS = Reply(False, b"too many sessions, try again later", "SYS/TEMP")
+ERR_TOO_MANY_FROM_YOU = Reply(False, b"too many sessions from your address, try again later", "SYS/TEMP")
+ERR_SHUTTING_DOWN = Reply(False, b"server shutting down, try again later", "SYS/TEMP")
+
+# --- AUTHORIZATION ---------------------------------------------------------
+OK_USER = Reply(True, b"send PASS")  # the same whether or not the user exists
+ERR_AUTH = Reply(False, b"authentication failed", "AUTH")
+ERR_PASS_FIRST = Reply(False, b"send USER first")
+ERR_TOO_MANY_FAILURES = Reply(False, b"too many failed logins, goodbye", "AUTH")
+ERR_LOGIN_DELAY = Reply(False, b"logged in too recently, wait before logging in again", "LOGIN-DELAY")
+ERR_IN_USE = Reply(False, b"maildrop already locked by another session", "IN-USE")
+ERR_BAD_MAILBOX = Reply(False, b"mailbox unavailable", "SYS/PERM")
+ERR_NO_APOP = Reply(False, b"APOP is not available here")
+
+
+def ok_maildrop(count, octets):
+    return ok(b"maildrop has %d message%s (%d octets)" % (count, b"" if count == 1 else b"s", octets))
+
+
+# --- TRANSACTION -------------------------------------------------------------
+ERR_NO_SUCH_MESSAGE = Reply(False, b"no such message")
+ERR_DELETED = Reply(False, b"message is deleted")
+ERR_NO_UIDL = Reply(False, b"UIDL is not supported for this mailbox")
+OK_NOOP = Reply(True, b"nothing happens")
+OK_DELETED = Reply(True, b"message deleted")
+OK_CAPA = b"+OK capability list follows\r\n"
+
+
+def ok_stat(count, octets):
+    return ok(b"%d %d" % (count, octets))
+
+
+def ok_scan_listing(number, size):
+    return ok(b"%d %d" % (number, size))
+
+
+def ok_list(count, octets):
+    return ok(b"%d message%s (%d octets)" % (count, b"" if count == 1 else b"s", octets))
+
+
+def ok_uidl_one(number, uid):
+    return ok(b"%d %s" % (number, uid))
+
+
+OK_UIDL = b"+OK unique-id listing follows\r\n"
+
+
+def ok_retr(size):
+    return ok(b"%d octets" % size)
+
+
+OK_TOP = b"+OK top of message follows\r\n"
+
+
+def ok_rset(count, octets):
+    return ok(b"maildrop has %d message%s (%d octets)" % (count, b"" if count == 1 else b"s", octets))
+
+
+# --- QUIT / UPDATE -----------------------------------------------------------
+OK_BYE = Reply(True, b"mpop3 signing off")
+
+
+def ok_bye_update(deleted, left):
+    return ok(b"mpop3 signing off (%d deleted, %d left)" % (deleted, left))
+
+
+# --- errors anywhere ---------------------------------------------------------
+ERR_UNKNOWN = Reply(False, b"unknown command")
+ERR_NOT_NOW = Reply(False, b"command not valid in this state")
+ERR_TOO_LONG = Reply(False, b"command line too long")
+ERR_TOO_LONG_BYE = Reply(False, b"command lines too long, goodbye")
+ERR_TOO_MANY_BAD = Reply(False, b"too many bad commands, goodbye")
+ERR_IDLE = Reply(False, b"idle for too long, goodbye", "SYS/TEMP")
+ERR_TEMP = Reply(False, b"temporary failure, try again later", "SYS/TEMP")
+ERR_PERM = Reply(False, b"permanent failure", "SYS/PERM")
+ERR_INTERNAL = Reply(False, b"internal error", "SYS/TEMP")
+ERR_CHANGED = Reply(False, b"mailbox changed on the server, try again later", "SYS/TEMP")
+
+USAGE = {
+    "USER": b"usage: USER name",
+    "PASS": b"usage: PASS password",
+    "APOP": b"usage: APOP name digest",
+    "STAT": b"usage: STAT",
+    "LIST": b"usage: LIST [message]",
+    "RETR": b"usage: RETR message",
+    "DELE": b"usage: DELE message",
+    "NOOP": b"usage: NOOP",
+    "RSET": b"usage: RSET",
+    "QUIT": b"usage: QUIT",
+    "TOP": b"usage: TOP message lines",
+    "UIDL": b"usage: UIDL [message]",
+    "CAPA": b"usage: CAPA",
+}
+ERR_USAGE = {name: Reply(False, text) for name, text in USAGE.items()}
+
+
+def error_reply(exc):
+    """The one mapping of failures to replies (RFC 2449 / RFC 3206 codes)."""
+    from .errors import LoginDelay, MailboxInUse, StoragePermError, StorageTempError
+
+    if isinstance(exc, MailboxInUse):
+        return ERR_IN_USE
+    if isinstance(exc, LoginDelay):
+        return ERR_LOGIN_DELAY
+    if isinstance(exc, StorageTempError):
+        return ERR_TEMP
+    if isinstance(exc, StoragePermError):
+        return ERR_PERM
+    return ERR_INTERNAL
+
+
+def capabilities(*, uidl=True, expire=None, login_delay=0, implementation=None):
+    """The CAPA reply (RFC 2449 section 6): exactly what works."""
+    lines = [b"TOP", b"USER", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+    if uidl:
+        lines.insert(1, b"UIDL")
+    if expire is not None:
+        lines.append(b"EXPIRE " + str(expire).upper().encode())
+    if login_delay:
+        lines.append(b"LOGIN-DELAY %d" % login_delay)
+    if implementation:
+        lines.append(b"IMPLEMENTATION " + implementation.encode("ascii", "replace"))
+    return OK_CAPA + b"".join(line + CRLF for line in lines) + END
