@@ -1,5 +1,5 @@
 # distutils: libraries = crypt
-"""crypt(3) through libcrypt (libxcrypt): yescrypt, SHA-512, bcrypt, ...
+"""crypt(3) and crypt_gensalt through libcrypt (libxcrypt): yescrypt, SHA-512, bcrypt, ...
 
 Hashing is slow on purpose, so it runs without the GIL.
 """
@@ -39,3 +39,23 @@ def crypt(password, setting):
     finally:
         free(data)
     return result
+
+
+cdef extern from "<crypt.h>" nogil:
+    char *crypt_gensalt_rn(const char *prefix, unsigned long count,
+                           const char *rbytes, int nrbytes, char *output, int output_size)
+    enum: CRYPT_GENSALT_OUTPUT_SIZE
+
+
+def gensalt(prefix=None):
+    """A fresh setting for crypt(): the system's preferred method (yescrypt
+    on Debian) when `prefix` is None, else that method (b"$6$", ...)."""
+    cdef char output[CRYPT_GENSALT_OUTPUT_SIZE]
+    cdef bytes p
+    cdef const char *c_prefix = NULL
+    if prefix is not None:
+        p = bytes(prefix)
+        c_prefix = p
+    if crypt_gensalt_rn(c_prefix, 0, NULL, 0, output, CRYPT_GENSALT_OUTPUT_SIZE) == NULL:
+        raise ValueError(f"libcrypt does not know the hash method {prefix!r}")
+    return <bytes>output

@@ -1,0 +1,104 @@
+"""Giving up root: the C program's four rules (DESIGN section 5).
+
+Started as root, mpop3 switches to an unprivileged user as early as its
+modules allow:
+  1. storage needs a user (not WU_ANY): after authentication, to safe_user
+     (WU_DEFAULT) or to the system user named like the mailbox (WU_MAILBOX);
+  2. else auth needs root: after authentication, to safe_user;
+  3. else, listening on TCP: right after bind(), to safe_user;
+  4. else (stdin mode): at once, to safe_user.
+Rules 1 and 2 switch per session, so they need a process per session.
+"""
+
+import grp
+import logging
+import os
+import pwd
+from dataclasses import dataclass
+
+from .storage_functions import WU_ANY, WU_MAILBOX
+
+log = logging.getLogger("mpop3.server")
+
+AFTER_AUTH = "after authentication"
+AFTER_BIND = "after bind"
+AT_ONCE = "at once"
+
+
+class PrivilegeError(Exception):
+    """Switching users failed: the process must not go on serving."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    when: str  # AFTER_AUTH, AFTER_BIND or AT_ONCE
+    to_mailbox_user: bool  # rule 1 with WU_MAILBOX: the user named like the mailbox
+
+    @property
+    def process_per_session(self):
+        return self.when == AFTER_AUTH
+
+
+def plan(storage_need_user, auth_need_root, stdin_mode):
+    if storage_need_user != WU_ANY:
+        return Plan(AFTER_AUTH, storage_need_user == WU_MAILBOX)
+    if auth_need_root:
+        return Plan(AFTER_AUTH, False)
+    return Plan(AT_ONCE if stdin_mode else AFTER_BIND, False)
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple  # supplementary groups kept after the switch
+
+
+def identity(user_name, mail_group=None):
+    """The identity to switch to; KeyError if the user does not exist."""
+    pw = pwd.getpwnam(user_name)
+    groups = ()
+    if mail_group:
+        try:
+            groups = (grp.getgrnam(mail_group).gr_gid,)
+        except KeyError:
+            groups = ()
+    return Identity(pw.pw_name, pw.pw_uid, pw.pw_gid, groups)
+
+
+def check_safe_user(user_name):
+    """A string saying what is wrong with safe_user, or None if it is usable."""
+    try:
+        pw = pwd.getpwnam(user_name)
+    except KeyError:
+        return f"safe_user {user_name!r} does not exist"
+    if pw.pw_uid == 0 or pw.pw_gid == 0:
+        return f"safe_user {user_name!r} has uid or gid 0: it must not be root"
+    return None
+
+
+def running_as_root():
+    return os.geteuid() == 0
+
+
+def switch_to(who):
+    """Become `who` for good: groups first, then gid, then uid, all three of
+    real, effective and saved ids, so nothing can bring root back."""
+    if who.uid == 0:
+        raise PrivilegeError(f"refusing to switch to {who.name!r}: uid 0")
+    try:
+        os.setgroups(list(who.groups))
+        os.setresgid(who.gid, who.gid, who.gid)
+        os.setresuid(who.uid, who.uid, who.uid)
+    except OSError as e:
+        raise PrivilegeError(f"cannot switch to user {who.name!r}: {e.strerror}") from None
+    try:
+        os.setuid(0)
+    except PermissionError:
+        pass
+    else:
+        raise PrivilegeError("switched users but could regain root; stopping")
+    if os.getresuid() != (who.uid,) * 3 or os.getresgid() != (who.gid,) * 3:
+        raise PrivilegeError(f"switching to {who.name!r} left ids {os.getresuid()} {os.getresgid()}")
+    log.debug("now running as %s (uid %d, gid %d, groups %s)", who.name, who.uid, who.gid, who.groups)
