@@ -1,0 +1,304 @@
+"""Listeners, signals and the event loop: everything around the sessions.
+
+One process serves many sessions on uvloop. `run()` is what the mpop3
+command calls; `Server` is usable on its own (the tests start one in a
+thread). Shaped so that later work slots in at one place each: TLS is a
+different `ssl=` for a listener (start_listeners), and a process per
+session (privilege switching, DESIGN section 5) would hand an accepted
+socket to serve_socket() in a child.
+
+Signals: SIGTERM (and SIGINT) stop accepting, give sessions
+`shutdown_grace` seconds to finish, then close them without committing;
+SIGHUP re-reads the configuration and applies what is safe to change in a
+running server (limits, timeouts, CAPA extras, log level); listeners and
+modules need a restart, and a reload that fails keeps the old settings.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import stat
+from concurrent.futures import ThreadPoolExecutor
+
+from . import config as config_module
+from . import replies
+from .limits import LoginDelayClock, LoginThrottle
+from .session import Session
+
+log = logging.getLogger("mpop3.server")
+
+# settings a SIGHUP may change; anything else needs a restart
+RELOADABLE = ("max_line_length", "max_bad_commands", "max_login_failures", "login_fail_delay",
+              "login_fail_delay_max", "idle_timeout", "max_sessions", "max_sessions_per_ip",
+              "shutdown_grace", "login_delay", "expire", "implementation", "log_level")
+
+
+class Settings:
+    """The session settings as plain attributes (read on every command)."""
+
+    def __init__(self, conf):
+        for name in RELOADABLE:
+            setattr(self, name, conf.values[name])
+
+
+class Shared:
+    """What every session of a server shares."""
+
+    def __init__(self, conf, tables, loop):
+        self.conf = conf
+        self.tables = tables
+        self.loop = loop
+        self.executor = ThreadPoolExecutor(max_workers=conf.values["worker_threads"],
+                                           thread_name_prefix="mpop3-worker")
+        self.sessions = set()
+        self.per_address = {}
+        self.stopping = False
+        self.login_clock = LoginDelayClock()
+        self.apply(conf)
+
+    def apply(self, conf):
+        self.settings = settings = Settings(conf)
+        self.throttle = LoginThrottle(settings.login_fail_delay, settings.login_fail_delay_max)
+        announced_delay = max(settings.login_delay, int(self.tables.auth.auth_default_login_delay() or 0))
+        extras = dict(expire=settings.expire, login_delay=announced_delay,
+                      implementation=settings.implementation)
+        self.capa = replies.capabilities(uidl=True, **extras)
+        self.capa_no_uidl = replies.capabilities(uidl=False, **extras)
+
+    def admit(self, session):
+        """None to serve a new session, or the reply that refuses it."""
+        if self.stopping:
+            return replies.ERR_SHUTTING_DOWN
+        if len(self.sessions) >= self.settings.max_sessions:
+            log.warning("%s: refused, %d sessions already", session.peer, len(self.sessions))
+            return replies.ERR_TOO_MANY_SESSIONS
+        count = self.per_address.get(session.peer, 0)
+        if count >= self.settings.max_sessions_per_ip:
+            log.warning("%s: refused, %d sessions from there already", session.peer, count)
+            return replies.ERR_TOO_MANY_FROM_YOU
+        self.per_address[session.peer] = count + 1
+        self.sessions.add(session)
+        return None
+
+    def forget(self, session):
+        self.sessions.discard(session)
+        count = self.per_address.get(session.peer, 1) - 1
+        if count > 0:
+            self.per_address[session.peer] = count
+        else:
+            self.per_address.pop(session.peer, None)
+
+
+class Server:
+    def __init__(self, conf, tables, loop=None):
+        self.loop = loop or asyncio.get_event_loop()
+        self.shared = Shared(conf, tables, self.loop)
+        self.listeners = []
+        self.stopped = self.loop.create_future()
+
+    def new_session(self):
+        return Session(self.shared)
+
+    async def start_listeners(self):
+        """Bind every `listen` address; returns the (host, port) bound."""
+        bound = []
+        for host, port in self.shared.conf.listen:
+            listener = await self.loop.create_server(self.new_session, host, port, reuse_address=True,
+                                                     backlog=1024)
+            self.listeners.append(listener)
+            for sock in listener.sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
+                bound.append(sock.getsockname()[:2])
+        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        return bound
+
+    async def serve_stdin(self):
+        """One session on file descriptors 0 and 1 (inetd, systemd Accept=yes)."""
+        session = self.new_session()
+        session.closed_waiter = self.loop.create_future()
+        if stat.S_ISSOCK(os.fstat(0).st_mode):
+            sock = socket.socket(fileno=os.dup(0))
+            await self.loop.connect_accepted_socket(lambda: session, sock)
+        else:
+            await connect_pipes(self.loop, session)
+        await session.closed_waiter
+        await self.finish_commits()
+
+    async def finish_commits(self):
+        """Let any commit in a worker thread finish before the loop ends."""
+        self.shared.executor.shutdown(wait=False)
+        await self.loop.run_in_executor(None, self.shared.executor.shutdown, True)
+
+    def stop(self):
+        """SIGTERM: stop accepting, wait out the grace period, then close."""
+        if self.shared.stopping:
+            return
+        self.shared.stopping = True
+        log.info("stopping: %d session%s open, grace period %g s", len(self.shared.sessions),
+                 "" if len(self.shared.sessions) == 1 else "s", self.shared.settings.shutdown_grace)
+        for listener in self.listeners:
+            listener.close()
+        self.loop.create_task(self.drain())
+
+    async def drain(self):
+        deadline = self.loop.time() + self.shared.settings.shutdown_grace
+        while self.shared.sessions and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.shared.sessions:
+            log.info("grace period over: closing %d session%s without committing",
+                     len(self.shared.sessions), "" if len(self.shared.sessions) == 1 else "s")
+            for session in list(self.shared.sessions):
+                session.shut_down()
+        await self.finish_commits()
+        await asyncio.sleep(0)  # let the transports' close callbacks run
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def reload(self):
+        """SIGHUP: apply the safe part of a re-read configuration."""
+        old = self.shared.conf
+        try:
+            new = config_module.load(old.path)
+        except Exception as e:  # ConfigError, or anything a broken file causes
+            log.error("reload failed, keeping the running configuration: %s", e)
+            return
+        if new.values["listen"] != old.values["listen"] and not getattr(old, "listen_from_command_line", False):
+            log.warning("reload: listen addresses changed; that needs a restart")
+        if [(m.kind, m.file, m.settings) for m in new.modules] != [(m.kind, m.file, m.settings) for m in old.modules]:
+            log.warning("reload: module lines changed; that needs a restart")
+        if new.values["worker_threads"] != old.values["worker_threads"]:
+            log.warning("reload: worker_threads changed; that needs a restart")
+        merged = config_module.Config(path=old.path, values=dict(old.values), modules=old.modules)
+        for name in RELOADABLE:
+            merged.values[name] = new.values[name]
+        self.shared.conf = merged
+        self.shared.apply(merged)
+        logging.getLogger("mpop3").setLevel(logging.getLevelName(merged.values["log_level"].upper()))
+        log.info("reloaded %s", old.path)
+
+
+class PipeReader(asyncio.Protocol):
+    """stdin in stdin mode: input for the session. Its end is the client's
+    end of input, never the end of the session (replies may still be due)."""
+
+    def __init__(self, session, on_made):
+        self.session = session
+        self.on_made = on_made
+        self.ended = False
+
+    def connection_made(self, transport):
+        self.on_made(transport)
+
+    def data_received(self, data):
+        self.session.data_received(data)
+
+    def eof_received(self):
+        self.ended = True
+        self.session.eof_received()
+
+    def connection_lost(self, exc):
+        if not self.ended:
+            self.ended = True
+            self.session.eof_received()
+
+
+class PipeWriter(asyncio.Protocol):
+    """stdout in stdin mode: when it is gone, so is the session."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def pause_writing(self):
+        self.session.pause_writing()
+
+    def resume_writing(self):
+        self.session.resume_writing()
+
+    def connection_lost(self, exc):
+        self.session.connection_lost(exc)
+
+
+class PipeDuplex(asyncio.Transport):
+    """stdin and stdout as one transport, for a session."""
+
+    def __init__(self, reader, writer):
+        super().__init__()
+        self.reader = reader
+        self.writer = writer
+
+    def write(self, data):
+        self.writer.write(data)
+
+    def writelines(self, lines):
+        self.writer.writelines(lines)
+
+    def pause_reading(self):
+        self.reader.pause_reading()
+
+    def resume_reading(self):
+        self.reader.resume_reading()
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        self.writer.set_write_buffer_limits(high=high, low=low)
+
+    def get_write_buffer_size(self):
+        return self.writer.get_write_buffer_size()
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def is_closing(self):
+        return self.writer.is_closing()
+
+    def close(self):
+        self.reader.close()
+        self.writer.close()
+
+    def abort(self):
+        self.reader.close()
+        self.writer.abort()
+
+
+async def connect_pipes(loop, session):
+    stdout = os.fdopen(os.dup(1), "wb", buffering=0)
+    stdin = os.fdopen(os.dup(0), "rb", buffering=0)
+    writer, _ = await loop.connect_write_pipe(lambda: PipeWriter(session), stdout)
+
+    def made(reader):
+        session.connection_made(PipeDuplex(reader, writer))
+
+    await loop.connect_read_pipe(lambda: PipeReader(session, made), stdin)
+
+
+def new_loop():
+    try:
+        import uvloop
+    except ImportError:  # still works, slower
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(conf, tables, stdin_mode=False):
+    """Serve until told to stop; the process exit code."""
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    server = Server(conf, tables, loop)
+    try:
+        if stdin_mode:
+            loop.run_until_complete(server.serve_stdin())
+            return 0
+        try:
+            loop.run_until_complete(server.start_listeners())
+        except OSError as e:
+            log.error("cannot listen: %s", e.strerror or e)
+            return 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, server.stop)
+        loop.add_signal_handler(signal.SIGHUP, server.reload)
+        loop.run_until_complete(server.stopped)
+        log.info("stopped")
+        return 0
+    finally:
+        loop.close()
