@@ -27,7 +27,7 @@ from mpop3.storage_functions import StorageFunctions
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Fast settings for tests: small delays, so a failed login costs milliseconds.
-FAST = {"login_fail_delay": "0.01", "login_fail_delay_max": "0.04"}
+FAST = {"login_fail_delay": "0.01", "login_fail_delay_max": "0.04", "shutdown_grace": "0.5"}
 
 
 def make_conf(extra=None, listen=None):
@@ -174,6 +174,8 @@ class ServerThread:
         return box[0]
 
     def __exit__(self, *exc):
+        # the test is over: no grace period for the sessions it left open
+        self.server.shared.settings.shutdown_grace = 0
         self.loop.call_soon_threadsafe(self.server.stop)
         self.thread.join(15)
 
