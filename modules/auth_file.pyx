@@ -136,17 +136,22 @@ def auth_login(user):
 
 
 def auth_attempt_login(user, password):
+    """USER/PASS. Runs in a worker thread (crypt() may take tens of ms).
+
+    Every failure costs one crypt() call whether the user is unknown, has a
+    plaintext password or a hash, so the time a wrong password takes does
+    not tell who exists (no user enumeration)."""
     entry = lookup(user)
     given = password.encode("utf-8", "surrogateescape")
     if entry is not None and entry.hashed:
         stored = entry.secret.encode("utf-8", "surrogateescape")
-        ok = hmac.compare_digest(crypt(given, stored) or b"*", stored)
-    elif entry is not None:
-        ok = hmac.compare_digest(entry.secret.encode("utf-8", "surrogateescape"), given)
-    else:
-        # spend what a known user would cost, then fail
-        if passwords.dummy_hash is not None:
-            crypt(given, passwords.dummy_hash.encode())
-        hmac.compare_digest(DUMMY_PLAIN.encode(), given)
-        ok = False
-    return entry.mailbox if ok else None
+        if hmac.compare_digest(crypt(given, stored) or b"*", stored):
+            return entry.mailbox
+        return None
+    if entry is not None and hmac.compare_digest(entry.secret.encode("utf-8", "surrogateescape"), given):
+        return entry.mailbox
+    # an unknown user, or a wrong plaintext password: spend a hash's worth too
+    if passwords.dummy_hash is not None:
+        crypt(given, passwords.dummy_hash.encode("utf-8", "surrogateescape"))
+    hmac.compare_digest(DUMMY_PLAIN.encode(), given)
+    return None
