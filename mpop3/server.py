@@ -118,11 +118,13 @@ class Server:
         """One session on file descriptors 0 and 1 (inetd, systemd Accept=yes)."""
         session = self.new_session()
         session.closed_waiter = self.loop.create_future()
-        if stat.S_ISSOCK(os.fstat(0).st_mode):
+        if stat.S_ISSOCK(os.fstat(0).st_mode):  # inetd, systemd Accept=yes, socat
             sock = socket.socket(fileno=os.dup(0))
             await self.loop.connect_accepted_socket(lambda: session, sock)
-        else:
+        elif stat.S_ISFIFO(os.fstat(0).st_mode) and stat.S_ISFIFO(os.fstat(1).st_mode):
             await connect_pipes(self.loop, session)
+        else:  # a terminal or a file: someone trying it by hand
+            PlainFiles(self.loop, session).start()
         await session.closed_waiter
         await self.finish_commits()
 
@@ -259,6 +261,62 @@ class PipeDuplex(asyncio.Transport):
     def abort(self):
         self.reader.close()
         self.writer.abort()
+
+
+class PlainFiles(asyncio.Transport):
+    """stdin mode on a terminal or regular files, which the event loop cannot
+    poll: a thread reads, writes block. Only for trying mpop3 by hand."""
+
+    def __init__(self, loop, session):
+        super().__init__()
+        self.loop = loop
+        self.session = session
+        self.closing = False
+
+    def start(self):
+        self.session.connection_made(self)
+        self.loop.create_task(self.read_all())
+
+    async def read_all(self):
+        while not self.closing:
+            data = await self.loop.run_in_executor(None, os.read, 0, 65536)
+            if self.closing:
+                break
+            if not data:
+                self.session.eof_received()
+                break
+            self.session.data_received(data)
+
+    def write(self, data):
+        if not self.closing:
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(1, view):]
+            except OSError:
+                self.close()
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def is_closing(self):
+        return self.closing
+
+    def close(self):
+        if not self.closing:
+            self.closing = True
+            self.loop.call_soon(self.session.connection_lost, None)
+
+    abort = close
 
 
 async def connect_pipes(loop, session):
