@@ -30,13 +30,14 @@ MPOP3_SETTINGS = {
 
 log = logging.getLogger("mpop3.storage")
 
-settings = {
+DEFAULTS = {
     "storage_dir": "/var/mail",
     "mbox_locks": ("dotlock", "fcntl"),
     "mbox_lock_timeout": 20.0,
     "mbox_dotlock_stale": 1024.0,
     "mbox_state_dir": None,
 }
+settings = dict(DEFAULTS)
 
 # Spools open in this process, by (device, inode): one descriptor each, as
 # POSIX drops all of a process's fcntl locks on a file when it closes any
@@ -47,6 +48,8 @@ _registry_lock = threading.Lock()
 
 
 def module_init(conf):
+    settings.clear()
+    settings.update(DEFAULTS)
     for name, value in conf.items():
         if name in ("storage_dir", "mbox_state_dir"):
             settings[name] = value
