@@ -1,0 +1,405 @@
+"""storage_mbox through its function table, as the POP3 session uses it:
+opening, [IN-USE], refusing odd files, commits and their fast paths,
+external modifications, interrupted commits, locks other programs hold."""
+
+import fcntl
+import os
+import pathlib
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+from mbox_helpers import MODULE_PATH, TREE, message, reference_view, spool_of, storage
+
+from mpop3 import mbox_commit
+from mpop3.errors import MailboxInUse, StoragePermError, StorageTempError
+
+
+@pytest.fixture
+def spool_dir(tmp_path):
+    d = tmp_path / "spool"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def mod(spool_dir):
+    return storage(spool_dir, mbox_lock_timeout="1")
+
+
+@pytest.fixture
+def steps():
+    """The commit steps taken, by name (mbox_commit's test hook)."""
+    seen = []
+    mbox_commit.step_hook = seen.append
+    yield seen
+    mbox_commit.step_hook = None
+
+
+def session_view(mod, box):
+    """[(size, uid, RETR bytes)] as a client would see them."""
+    count = mod.storage_message_count(box)
+    sizes, uids = mod.storage_message_sizes(box), mod.storage_unique_ids(box)
+    return [(sizes[i], uids[i], b"".join(mod.storage_dump_fragment(box, i, None))) for i in range(count)]
+
+
+def commit(mod, name, deleted):
+    box = mod.storage_lock_mailbox(name)
+    try:
+        mod.storage_synch(box, set(deleted))
+    finally:
+        mod.storage_unlock_mailbox(box)
+
+
+def test_a_session_sees_what_the_reference_sees(mod, spool_dir):
+    data = b"From a\nS: 1\n\n.x\r\nFrom y\n\nFrom b\nS: 2\n\nend" + b"\0\r\n"
+    (spool_dir / "bob").write_bytes(data)
+    box = mod.storage_lock_mailbox("bob")
+    try:
+        assert session_view(mod, box) == reference_view(data)
+        assert b"".join(mod.storage_dump_fragment(box, 0, 0)) == b"S: 1\r\n\r\n.\r\n"
+    finally:
+        mod.storage_unlock_mailbox(box)
+
+
+def test_a_missing_spool_is_an_empty_mailbox(mod, spool_dir):
+    box = mod.storage_lock_mailbox("nobody-yet")
+    assert mod.storage_message_count(box) == 0
+    mod.storage_synch(box, set())
+    mod.storage_unlock_mailbox(box)
+    assert not (spool_dir / "nobody-yet").exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
+def test_a_spool_that_is_not_a_regular_file_is_refused_never_followed(mod, spool_dir, tmp_path, kind):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(spool_of(2))
+    path = spool_dir / "bob"
+    {"symlink": lambda: path.symlink_to(target), "directory": path.mkdir,
+     "fifo": lambda: os.mkfifo(path)}[kind]()
+    with pytest.raises(StoragePermError):
+        mod.storage_lock_mailbox("bob")
+    assert target.read_bytes() == spool_of(2)
+    # and the refusal left no marker behind: a later, fixed spool opens
+    os.unlink(path) if kind != "directory" else path.rmdir()
+    path.write_bytes(spool_of(1))
+    commit(mod, "bob", [0])
+    assert path.read_bytes() == b""
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "x\0", "a\nb", "../etc"])
+def test_a_bad_mailbox_name_is_refused(mod, name):
+    with pytest.raises(StoragePermError):
+        mod.storage_lock_mailbox(name)
+
+
+def test_a_second_session_in_this_process_is_in_use(mod, spool_dir):
+    (spool_dir / "bob").write_bytes(spool_of(3))
+    os.link(spool_dir / "bob", spool_dir / "robert")  # the same spool under another name
+    box = mod.storage_lock_mailbox("bob")
+    with pytest.raises(MailboxInUse):
+        mod.storage_lock_mailbox("bob")
+    with pytest.raises(MailboxInUse):
+        mod.storage_lock_mailbox("robert")
+    mod.storage_unlock_mailbox(box)
+    box = mod.storage_lock_mailbox("robert")
+    assert mod.storage_message_count(box) == 3
+    mod.storage_unlock_mailbox(box)
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tree!r})
+    sys.path.insert(0, {tree!r} + "/tests")
+    from mbox_helpers import storage
+    mod = storage({spool!r})
+    box = mod.storage_lock_mailbox("bob")
+    print("locked", flush=True)
+    sys.stdin.readline()
+""")
+
+
+def test_a_second_session_in_another_process_is_in_use_until_it_ends(mod, spool_dir):
+    (spool_dir / "bob").write_bytes(spool_of(3))
+    child = subprocess.Popen([sys.executable, "-c", HOLDER.format(tree=TREE, spool=str(spool_dir))],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "locked\n"
+        with pytest.raises(MailboxInUse):
+            mod.storage_lock_mailbox("bob")
+        # the session holds no MDA lock meanwhile: a delivery could lock the spool now
+        assert not (spool_dir / "bob.lock").exists()
+        fd = os.open(spool_dir / "bob", os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+    finally:
+        child.kill()  # dies holding the mailbox: the kernel lets go of the marker
+        child.wait()
+    box = mod.storage_lock_mailbox("bob")
+    mod.storage_unlock_mailbox(box)
+
+
+def test_commit_keeps_inode_owner_mode_and_kept_bytes(mod, spool_dir, steps):
+    path = spool_dir / "bob"
+    data = spool_of(10)
+    path.write_bytes(data)
+    os.chown(path, 4321, 4322)
+    os.chmod(path, 0o620)
+    before = os.stat(path)
+    commit(mod, "bob", [0, 4])
+    after = os.stat(path)
+    assert (after.st_ino, after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (
+        before.st_ino, 4321, 4322, 0o620)
+    assert path.read_bytes() == b"".join(message(n) for n in range(10) if n not in (0, 4))
+    assert "journal-durable" in steps
+    assert sorted(os.listdir(spool_dir)) == ["bob"]  # no journal, marker or lock left
+
+
+def test_mail_delivered_during_the_session_is_kept(mod, spool_dir):
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(5))
+    box = mod.storage_lock_mailbox("bob")
+    with open(path, "ab") as f:  # an MDA appends after the scan
+        f.write(message(100) + message(101))
+    assert mod.storage_message_count(box) == 5  # not shown to this session
+    mod.storage_synch(box, {0, 1, 2, 3, 4})
+    mod.storage_unlock_mailbox(box)
+    assert path.read_bytes() == message(100) + message(101)
+
+
+def test_deleting_everything_leaves_an_empty_file_with_one_truncate(mod, spool_dir, steps):
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(5))
+    commit(mod, "bob", range(5))
+    assert path.exists() and path.read_bytes() == b""
+    assert "truncate" in steps and "journal-open" not in steps
+
+
+def test_deleting_a_tail_is_one_truncate(mod, spool_dir, steps):
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(8))
+    commit(mod, "bob", [6, 7])
+    assert path.read_bytes() == spool_of(6)
+    assert "truncate" in steps and "journal-open" not in steps
+
+
+def test_deleting_a_tail_with_new_mail_behind_it_journals_only_the_new_mail(mod, spool_dir):
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(8))
+    box = mod.storage_lock_mailbox("bob")
+    with open(path, "ab") as f:
+        f.write(message(50))
+    sizes = []
+    tmp = spool_dir / "bob.mpop3-journal.tmp"
+    mbox_commit.step_hook = lambda step: sizes.append(tmp.stat().st_size if tmp.exists() else 0)
+    try:
+        mod.storage_synch(box, {7})
+    finally:
+        mbox_commit.step_hook = None
+        mod.storage_unlock_mailbox(box)
+    assert path.read_bytes() == spool_of(7) + message(50)
+    assert max(sizes) <= mbox_commit.DATA_OFFSET + len(message(50))
+
+
+def test_commit_ids_survive_for_the_kept_messages(mod, spool_dir):
+    (spool_dir / "bob").write_bytes(spool_of(20))
+    box = mod.storage_lock_mailbox("bob")
+    uids = list(mod.storage_unique_ids(box))
+    mod.storage_synch(box, {0, 5, 19})
+    mod.storage_unlock_mailbox(box)
+    box = mod.storage_lock_mailbox("bob")
+    assert list(mod.storage_unique_ids(box)) == [u for i, u in enumerate(uids) if i not in (0, 5, 19)]
+    mod.storage_unlock_mailbox(box)
+
+
+@pytest.mark.parametrize("change", ["rewrite", "truncate", "replace"])
+def test_an_external_modification_ends_the_session_and_deletes_nothing(mod, spool_dir, change, caplog):
+    path = spool_dir / "bob"
+    data = spool_of(6)
+    path.write_bytes(data)
+    box = mod.storage_lock_mailbox("bob")
+    changed = data.replace(b"message 5", b"MESSAGE 5")
+    if change == "rewrite":  # same length, different bytes (an MUA marking mail read)
+        with open(path, "r+b") as f:
+            f.write(changed)
+    elif change == "truncate":
+        changed = data[:len(data) // 2]
+        with open(path, "r+b") as f:
+            f.truncate(len(changed))
+    else:  # a new file renamed over the spool
+        (spool_dir / "tmp").write_bytes(changed)
+        os.rename(spool_dir / "tmp", path)
+    with pytest.raises(StorageTempError):
+        mod.storage_dump_fragment(box, 5, None)
+    with pytest.raises(StorageTempError):
+        mod.storage_synch(box, {0})
+    mod.storage_unlock_mailbox(box)
+    assert path.read_bytes() == changed
+    assert "external modification" in caplog.text
+
+
+def test_appends_are_not_a_modification(mod, spool_dir):
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(3))
+    box = mod.storage_lock_mailbox("bob")
+    with open(path, "ab") as f:
+        f.write(message(9))
+    assert b"".join(mod.storage_dump_fragment(box, 2, None)).startswith(b"Subject: message 2\r\n")
+    mod.storage_unlock_mailbox(box)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step_name, nth=1):
+    seen = []
+
+    def hook(step):
+        seen.append(step)
+        if seen.count(step_name) == nth:
+            raise Crash(step)
+    return hook
+
+
+@pytest.mark.parametrize("step, nth, outcome", [
+    ("journal-open", 1, "old"), ("copy", 1, "old"), ("journal-fsync", 1, "old"),
+    ("journal-rename", 1, "old"), ("journal-durable", 1, "new"), ("copy", 2, "new"),
+    ("spool-truncate", 1, "new"), ("spool-fsync", 1, "new"), ("journal-unlink", 1, "new"),
+])
+def test_an_interrupted_commit_leaves_the_old_or_the_new_mailbox(mod, spool_dir, step, nth, outcome):
+    path = spool_dir / "bob"
+    old = spool_of(30)
+    new = b"".join(message(n) for n in range(1, 30))
+    path.write_bytes(old)
+    box = mod.storage_lock_mailbox("bob")
+    mbox_commit.step_hook = crash_at(step, nth)
+    try:
+        with pytest.raises(Crash):
+            mod.storage_synch(box, {0})
+    finally:
+        mbox_commit.step_hook = None
+        mod.storage_unlock_mailbox(box)
+    for stale in spool_dir.glob("bob.lock"):  # a dead commit's dot-lock
+        stale.unlink()
+    box = mod.storage_lock_mailbox("bob")  # replays the journal, if any
+    mod.storage_unlock_mailbox(box)
+    assert path.read_bytes() == (old if outcome == "old" else new)
+    assert sorted(os.listdir(spool_dir)) == ["bob"]
+
+
+@pytest.mark.parametrize("step, nth, outcome", [
+    ("journal-fsync", 1, "old"),
+    ("copy", 3, "new"),  # two copies fill the journal; the third writes the spool
+    ("spool-truncate", 1, "new"), ("journal-unlink", 1, "new"),
+])
+def test_mail_delivered_between_a_crash_and_the_replay_is_kept(mod, spool_dir, step, nth, outcome):
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(10))
+    box = mod.storage_lock_mailbox("bob")
+    mbox_commit.step_hook = crash_at(step, nth)
+    try:
+        with pytest.raises(Crash):
+            mod.storage_synch(box, {0, 3})
+    finally:
+        mbox_commit.step_hook = None
+        mod.storage_unlock_mailbox(box)
+    with open(path, "ab") as f:  # an fcntl-only MDA delivers before anyone opens the mailbox
+        f.write(message(77))
+    box = mod.storage_lock_mailbox("bob")
+    mod.storage_unlock_mailbox(box)
+    deleted = (0, 3) if outcome == "new" else ()
+    assert path.read_bytes() == b"".join(message(n) for n in range(10) if n not in deleted) + message(77)
+
+
+def test_a_fresh_dot_lock_of_another_program_makes_the_open_wait_then_fail(mod, spool_dir):
+    (spool_dir / "bob").write_bytes(spool_of(2))
+    (spool_dir / "bob.lock").write_bytes(b"0")  # procmail's content
+    started = time.monotonic()
+    with pytest.raises(StorageTempError):
+        mod.storage_lock_mailbox("bob")
+    assert time.monotonic() - started >= 1
+    assert (spool_dir / "bob.lock").read_bytes() == b"0"  # not ours to remove
+
+
+def test_a_stale_dot_lock_is_broken(spool_dir):
+    mod = storage(spool_dir, mbox_lock_timeout="3", mbox_dotlock_stale="60")
+    (spool_dir / "bob").write_bytes(spool_of(2))
+    (spool_dir / "bob.lock").write_bytes(b"0")
+    old = time.time() - 120
+    os.utime(spool_dir / "bob.lock", (old, old))
+    box = mod.storage_lock_mailbox("bob")
+    assert mod.storage_message_count(box) == 2
+    mod.storage_unlock_mailbox(box)
+    assert not (spool_dir / "bob.lock").exists()
+
+
+def test_a_dot_lock_left_by_a_dead_process_of_this_host_is_broken(mod, spool_dir):
+    import socket
+    (spool_dir / "bob").write_bytes(spool_of(2))
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (spool_dir / "bob.lock").write_text(f"{child.stdout.strip()}@{socket.gethostname()}\n")
+    box = mod.storage_lock_mailbox("bob")
+    mod.storage_unlock_mailbox(box)
+
+
+def test_an_fcntl_lock_of_another_process_makes_the_open_wait_then_fail(mod, spool_dir):
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(2))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys
+        fd = os.open({str(path)!r}, os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        sys.stdin.readline()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(StorageTempError):
+            mod.storage_lock_mailbox("bob")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (spool_dir / "bob.lock").exists()  # the dot-lock was let go while waiting
+
+
+def test_permission_denied_is_an_error_and_the_spool_is_unchanged():
+    # as a user who may read the spool but not write it (root may do anything)
+    spool_dir = pathlib.Path(tempfile.mkdtemp(prefix="mbox-perm-"))  # pytest's are closed to nobody
+    os.chmod(spool_dir, 0o777)
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(4))
+    os.chmod(path, 0o644)
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {TREE!r}); sys.path.insert(0, {TREE!r} + "/tests")
+        from mbox_helpers import storage
+        from mpop3.errors import StoragePermError
+        mod = storage({str(spool_dir)!r})
+        os.setgid(65534); os.setuid(65534)  # after the imports: /root is closed to nobody
+        box = mod.storage_lock_mailbox("bob")
+        print(mod.storage_message_count(box))
+        try:
+            mod.storage_synch(box, {{0}})
+        except StoragePermError:
+            print("refused")
+        mod.storage_unlock_mailbox(box)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["4", "refused"], result.stderr
+    assert path.read_bytes() == spool_of(4)
+    shutil.rmtree(spool_dir)
+
+
+def test_the_module_declares_its_settings():
+    from mpop3.loader import import_module_file
+    module = import_module_file(MODULE_PATH, "tests")
+    assert set(module.MPOP3_SETTINGS) == {"storage_dir", "mbox_locks", "mbox_lock_timeout",
+                                          "mbox_dotlock_stale", "mbox_state_dir"}
+    with pytest.raises(ValueError):
+        module.module_init({"mbox_locks": "flock"})
