@@ -97,6 +97,7 @@ class Server:
         self.shared = Shared(conf, tables, self.loop)
         self.listeners = []
         self.stopped = self.loop.create_future()
+        self.file_listen = file_listen(conf.path)  # -l may have replaced conf.listen
 
     def new_session(self):
         return Session(self.shared)
@@ -166,7 +167,7 @@ class Server:
         except Exception as e:  # ConfigError, or anything a broken file causes
             log.error("reload failed, keeping the running configuration: %s", e)
             return
-        if new.values["listen"] != old.values["listen"] and not getattr(old, "listen_from_command_line", False):
+        if new.values["listen"] != self.file_listen:
             log.warning("reload: listen addresses changed; that needs a restart")
         if [(m.kind, m.file, m.settings) for m in new.modules] != [(m.kind, m.file, m.settings) for m in old.modules]:
             log.warning("reload: module lines changed; that needs a restart")
@@ -179,6 +180,14 @@ class Server:
         self.shared.apply(merged)
         logging.getLogger("mpop3").setLevel(logging.getLevelName(merged.values["log_level"].upper()))
         log.info("reloaded %s", old.path)
+
+
+def file_listen(path):
+    """The listen addresses the configuration file itself names."""
+    try:
+        return config_module.load(path).values["listen"]
+    except Exception:
+        return None
 
 
 class PipeReader(asyncio.Protocol):
@@ -325,7 +334,11 @@ async def connect_pipes(loop, session):
     writer, _ = await loop.connect_write_pipe(lambda: PipeWriter(session), stdout)
 
     def made(reader):
-        session.connection_made(PipeDuplex(reader, writer))
+        duplex = PipeDuplex(reader, writer)
+        # uvloop keeps only the descriptors: closing these file objects (as
+        # the garbage collector would) would close them under it
+        duplex.files = (stdin, stdout)
+        session.connection_made(duplex)
 
     await loop.connect_read_pipe(lambda: PipeReader(session, made), stdin)
 

@@ -361,9 +361,10 @@ class Session:
                 self.release()
                 return
             self.logged_in(mailbox, handle, sizes, uidl)
-        elif self.state is CLOSED:
             return
-        elif isinstance(exc, LoginFailed):
+        if self.state is CLOSED:
+            return
+        if isinstance(exc, LoginFailed):
             self.login_failed(user, secret)
             return
         elif isinstance(exc, BadMailboxName):

@@ -284,6 +284,17 @@ def test_pipelined_commands_are_answered_in_one_write(tables, monkeypatch):
         assert len(writes) - before == 1
 
 
+def test_nothing_after_a_pipelined_quit_is_answered(server, tables):
+    w = wire(server)
+    w.send(b"USER bob\r\nPASS secret\r\nDELE 1\r\nQUIT\r\nNOOP\r\nSTAT\r\n")
+    assert w.line() == replies.OK_USER.wire[:-2]
+    assert w.line().startswith(b"+OK maildrop has 3 messages")
+    assert w.line() == replies.OK_DELETED.wire[:-2]
+    assert w.line() == b"+OK mpop3 signing off (1 deleted, 2 left)"
+    assert w.closed() and w.buf == b""
+    assert tables.storage.commits == [("bob", [0])]
+
+
 def test_pipelined_lines_split_at_every_byte(server):
     w = wire(server)
     for byte in b"USER bob\r\nPASS secret\nSTAT\r\nQUIT\r\n":
