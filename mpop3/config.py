@@ -107,6 +107,7 @@ DIRECTIVES = {
         Directive("log", one_of("stderr", "syslog"), "stderr"),
         Directive("syslog_facility", one_of("mail", "daemon", "auth", "user",
                                             *(f"local{i}" for i in range(8))), "mail"),
+        Directive("syslog_socket", path, "/dev/log"),
         Directive("log_level", one_of("debug", "info", "warning", "error"), "info"),
         # protocol limits and timing (the session, mpop3/session.py)
         Directive("max_line_length", line_length, 512),

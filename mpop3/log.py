@@ -2,7 +2,9 @@
 
 import logging
 import logging.handlers
-import os
+import socket
+
+from .errors import ConfigError
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -13,8 +15,14 @@ def setup(config, debug=False, force_stderr=False):
     root.propagate = False
     if config.log == "syslog" and not force_stderr:
         facility = logging.handlers.SysLogHandler.facility_names[config.syslog_facility]
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = logging.handlers.SysLogHandler(address=address, facility=facility)
+        try:
+            # SysLogHandler ignores an unreachable socket; we want to know at start-up
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                probe.connect(config.syslog_socket)
+            handler = logging.handlers.SysLogHandler(address=config.syslog_socket, facility=facility)
+        except OSError as e:
+            raise ConfigError(config.path, f"log syslog: cannot reach syslog at {config.syslog_socket}: "
+                                           f"{e.strerror or e}") from None
         handler.setFormatter(logging.Formatter("mpop3[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler()
