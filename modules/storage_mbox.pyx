@@ -160,6 +160,11 @@ class Mailbox:
                 done = mbox_commit.replay(self.fd, self.journal_path)
                 if done:
                     log.warning("%s: an interrupted commit was %s", self.name, done)
+            elif os.path.exists(self.journal_path):
+                # half rewritten, and we may not finish it: showing it could lie
+                log.error("%s: an interrupted commit needs replaying, but the spool is "
+                          "read-only for us", self.name)
+                raise StorageTempError("mailbox being repaired")
             self.index = _mbox.scan_fd(self.fd, os.fstat(self.fd).st_size)
             self.fingerprint = Fingerprint(self.fd, self.index)
 
