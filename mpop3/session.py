@@ -239,10 +239,12 @@ class Session:
 
     def handle_line(self, line):
         if line is proto.TOO_LONG:
-            self.bad_command(replies.ERR_TOO_LONG)
-            if self.too_long:
+            if self.too_long:  # the second one: this is no confused client
+                log.warning("%s: over-long command lines, closing", self.peer)
                 self.close(replies.ERR_TOO_LONG_BYE)
-            self.too_long = True
+            else:
+                self.too_long = True
+                self.bad_command(replies.ERR_TOO_LONG)
             return
         cmd, arg1, arg2 = proto.parse_command(line)
         if cmd <= 0:
