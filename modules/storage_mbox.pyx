@@ -174,6 +174,15 @@ class Mailbox:
                       "(external modification); %s refused, nothing will be deleted", self.name, doing)
             raise StorageTempError("mailbox changed by another program")
 
+    def check_from_lines(self, indexes, doing):
+        """Each message still starts where the index says: a From line there."""
+        for i in indexes:
+            start = self.index.start(i)
+            if self.index.data(i) > start and os.pread(self.fd, 5, start) != b"From ":
+                log.error("%s: message %d no longer starts with a From line (external modification); "
+                          "%s refused, nothing will be deleted", self.name, i + 1, doing)
+                raise StorageTempError("mailbox changed by another program")
+
     def close(self):
         if self.fd is not None:
             with _registry_lock:
@@ -238,13 +247,8 @@ def storage_unique_ids(box):
 
 def storage_dump_fragment(box, index, body_lines):
     box.check_unchanged("RETR/TOP")
-    start = box.index.start(index)
-    data = box.index.data(index)
-    if data > start and os.pread(box.fd, 5, start) != b"From ":
-        log.error("%s: message %d no longer starts with a From line (external modification)",
-                  box.name, index + 1)
-        raise StorageTempError("mailbox changed by another program")
-    return _mbox.dump(box.fd, data, box.index.end(index), body_lines)
+    box.check_from_lines((index,), "RETR/TOP")
+    return _mbox.dump(box.fd, box.index.data(index), box.index.end(index), body_lines)
 
 
 def storage_synch(box, deleted):
@@ -257,6 +261,7 @@ def storage_synch(box, deleted):
     try:
         with box.locks(write=True):
             box.check_unchanged("commit")
+            box.check_from_lines(deleted, "commit")
             size = os.fstat(box.fd).st_size
             p0, pieces = mbox_commit.image_pieces(box.index, deleted, size)
             mbox_commit.commit(box.fd, box.journal_path, p0, pieces, size)

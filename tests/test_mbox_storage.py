@@ -403,3 +403,23 @@ def test_the_module_declares_its_settings():
                                           "mbox_dotlock_stale", "mbox_state_dir"}
     with pytest.raises(ValueError):
         module.module_init({"mbox_locks": "flock"})
+
+
+def test_a_message_that_no_longer_starts_where_it_did_is_not_sent_or_deleted(mod, spool_dir, caplog):
+    # a same-length rewrite far from the end, which the end samples cannot see
+    path = spool_dir / "bob"
+    data = spool_of(6)
+    path.write_bytes(data)
+    box = mod.storage_lock_mailbox("bob")
+    start = len(spool_of(2))
+    changed = data[:start] + b"X" + data[start + 1:]
+    with open(path, "r+b") as f:
+        f.write(changed)
+    assert b"".join(mod.storage_dump_fragment(box, 0, None)).startswith(b"Subject: message 0")
+    with pytest.raises(StorageTempError):
+        mod.storage_dump_fragment(box, 2, None)
+    with pytest.raises(StorageTempError):
+        mod.storage_synch(box, {2})
+    mod.storage_unlock_mailbox(box)
+    assert path.read_bytes() == changed
+    assert "external modification" in caplog.text
