@@ -248,7 +248,16 @@ def storage_unique_ids(box):
 def storage_dump_fragment(box, index, body_lines):
     box.check_unchanged("RETR/TOP")
     box.check_from_lines((index,), "RETR/TOP")
-    return _mbox.dump(box.fd, box.index.data(index), box.index.end(index), body_lines)
+    return _reading(box, _mbox.dump(box.fd, box.index.data(index), box.index.end(index), body_lines))
+
+
+def _reading(box, chunks):
+    """The chunks, with a read failure turned into what the client is told."""
+    try:
+        yield from chunks
+    except (OSError, EOFError) as e:
+        log.error("%s: reading a message failed: %s", box.name, e)
+        raise StorageTempError("cannot read the mailbox") from None
 
 
 def storage_synch(box, deleted):

@@ -184,3 +184,27 @@ def test_disk_full_during_a_commit_answers_err_and_keeps_the_spool(small_tmpfs, 
     mod.storage_unlock_mailbox(box)
     with open(os.path.join(spool_dir, "bob"), "rb") as f:
         assert f.read() == spool_of(1199, body_lines=100)
+
+
+def test_procmail_waits_for_the_dot_lock_and_the_fcntl_lock_we_take(tmp_path):
+    # the locks a scan or a commit holds are the ones procmail respects
+    spool = tmp_path / "bob"
+    spool.write_bytes(spool_of(1))
+    rcfile = tmp_path / "procmailrc"
+    rcfile.write_text(f"SHELL=/bin/sh\nLOCKSLEEP=1\n:0:\n{spool}\n")
+    from mpop3.mbox_lock import spool_locks
+    fd = os.open(spool, os.O_RDWR)
+    try:
+        for methods in (("dotlock",), ("fcntl",)):
+            before = spool.read_bytes()
+            with spool_locks(str(spool), fd, methods, True, 5, 1024):
+                mda = subprocess.Popen([PROCMAIL, "-m", str(rcfile)], stdin=subprocess.PIPE)
+                mda.stdin.write(delivered(methods[0], 0))
+                mda.stdin.close()
+                with pytest.raises(subprocess.TimeoutExpired):
+                    mda.wait(1.5)
+                assert spool.read_bytes() == before  # nothing written under our lock
+            assert mda.wait(30) == 0
+    finally:
+        os.close(fd)
+    assert contents(spool.read_bytes())[1:] == [delivered("dotlock", 0), delivered("fcntl", 0)]
