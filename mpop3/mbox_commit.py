@@ -90,7 +90,13 @@ def write_journal(journal_path, fd, p0, sources, old_size):
     header = FIXED.pack(MAGIC, st.st_dev, st.st_ino, old_size, p0, length, len(head), len(tail)) + head + tail
     header += struct.pack("<I", zlib.crc32(header))
     tmp = journal_path + ".tmp"
-    jfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # A new file of ours, never one somebody left there (in a sticky, world
+    # writable spool directory it could be theirs, and they would read the mail).
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    jfd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         _step("journal-open")
         os.posix_fallocate(jfd, 0, DATA_OFFSET + length)  # disk full: fail before writing
@@ -183,6 +189,9 @@ def replay(fd, journal_path):
     except FileNotFoundError:
         return None
     try:
+        owner = os.fstat(jfd).st_uid
+        if owner != os.geteuid():
+            raise JournalError(f"journal owned by uid {owner}, not by us: not applied")
         dev, ino, old_size, p0, length, head, tail = read_header(jfd)
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (dev, ino):

@@ -423,3 +423,65 @@ def test_a_message_that_no_longer_starts_where_it_did_is_not_sent_or_deleted(mod
     mod.storage_unlock_mailbox(box)
     assert path.read_bytes() == changed
     assert "external modification" in caplog.text
+
+
+def failing_at(step_name, error):
+    def hook(step):
+        if step == step_name:
+            raise OSError(error, os.strerror(error))
+    return hook
+
+
+@pytest.mark.parametrize("step", ["journal-open", "copy", "journal-fsync", "journal-rename"])
+def test_an_io_error_before_the_commit_point_leaves_the_spool_as_it_was(mod, spool_dir, step, caplog):
+    import errno
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(10))
+    box = mod.storage_lock_mailbox("bob")
+    mbox_commit.step_hook = failing_at(step, errno.EIO)
+    try:
+        with pytest.raises(StorageTempError):
+            mod.storage_synch(box, {0})
+    finally:
+        mbox_commit.step_hook = None
+        mod.storage_unlock_mailbox(box)
+    assert path.read_bytes() == spool_of(10)
+    assert sorted(os.listdir(spool_dir)) == ["bob"]  # the partial journal is gone
+    assert "committing deletions failed" in caplog.text
+
+
+def test_an_io_error_after_the_commit_point_is_repaired_by_the_next_open(mod, spool_dir):
+    import errno
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(10))
+    box = mod.storage_lock_mailbox("bob")
+    mbox_commit.step_hook = failing_at("spool-fsync", errno.EIO)
+    try:
+        with pytest.raises(StorageTempError):
+            mod.storage_synch(box, {0})
+    finally:
+        mbox_commit.step_hook = None
+        mod.storage_unlock_mailbox(box)
+    assert (spool_dir / "bob.mpop3-journal").exists()
+    box = mod.storage_lock_mailbox("bob")
+    assert mod.storage_message_count(box) == 9
+    mod.storage_unlock_mailbox(box)
+    assert path.read_bytes() == spool_of(9, start=1)
+    assert sorted(os.listdir(spool_dir)) == ["bob"]
+
+
+def test_a_journal_planted_by_someone_else_is_not_applied(mod, spool_dir):
+    path = spool_dir / "bob"
+    path.write_bytes(spool_of(10))
+    box = mod.storage_lock_mailbox("bob")
+    mbox_commit.step_hook = crash_at("spool-truncate")
+    try:
+        with pytest.raises(Crash):
+            mod.storage_synch(box, {0})
+    finally:
+        mbox_commit.step_hook = None
+        mod.storage_unlock_mailbox(box)
+    os.chown(spool_dir / "bob.mpop3-journal", 4321, 4321)
+    with pytest.raises(StorageTempError):
+        mod.storage_lock_mailbox("bob")
+    assert (spool_dir / "bob.mpop3-journal").exists()  # left for the administrator
