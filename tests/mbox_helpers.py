@@ -50,3 +50,30 @@ def reference_view(data):
 
 def seeded(seed):
     return random.Random(seed)
+
+
+BODY_LINES = [b"plain text\n", b".\n", b"..\n", b".starts with a dot\r\n", b"From inside a body\n",
+              b">From quoted\n", b"nul\0byte\n", b"lone\rcr\n", b"crlf line\r\n", b"\n", b"\r\n", b"\r\r\n"]
+
+
+def random_mailbox(rng, messages=12):
+    """A spool shaped like real mail, with every awkward case now and then:
+    CRLF and mixed line ends, NULs, lone CRs, "From " and ">From " in bodies,
+    lines that are just ".", 100 KB lines, empty bodies, byte-identical
+    duplicates, a last line without a newline."""
+    records = []
+    for n in range(rng.randint(0, messages)):
+        if records and rng.random() < 0.15:
+            records.append(rng.choice(records))  # an identical duplicate
+            continue
+        eol = rng.choice([b"\n", b"\r\n"])
+        head = b"From sender%d@example.org Thu Nov 19 10:00:00 2026" % rng.randint(0, 3) + eol
+        head += b"Subject: %d" % rng.randint(0, 5) + eol
+        body = b"".join(rng.choice(BODY_LINES) for _ in range(rng.choice([0, 0, 1, 3, 10])))
+        if rng.random() < 0.05:
+            body += b"x" * 100_000 + eol
+        records.append(head + eol + body + eol)
+    data = b"".join(records)
+    if data and rng.random() < 0.2:
+        data = data.rstrip(b"\r\n")  # no trailing newline at all
+    return data

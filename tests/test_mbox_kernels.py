@@ -195,3 +195,23 @@ def test_index_costs_under_64_bytes_a_message():
     index = index_of(spool_of(10_000, body_lines=1))
     assert len(index) == 10_000
     assert index.nbytes / len(index) <= 64
+
+
+def test_hundreds_of_mail_shaped_spools_agree_with_the_reference():
+    from mbox_helpers import random_mailbox
+    rng = seeded(11)
+    for n in range(300):
+        data = random_mailbox(rng)
+        index = index_of(data, [rng.randint(1, 70_000) for _ in range(len(data) // 1000 + 1)])
+        assert view_of(index) == reference_rows(data), n
+        uids = list(index.uids)
+        assert len(set(uids)) == len(uids)
+        for i, m in enumerate(ref.parse(data)):
+            content = data[m.data:m.end]
+            wire = retr(data, index, i, piece=rng.choice([1000, 65536]))
+            assert wire == ref.render(content)
+            lines = rng.randint(0, 4)
+            assert retr(data, index, i, body_lines=lines) == ref.render(content, lines)
+            unstuffed = sum(len(line[1:] if line.startswith(b".") else line) + 2
+                            for line in wire[:-3].split(b"\r\n")[:-1])
+            assert unstuffed == index.size(i)
