@@ -155,12 +155,15 @@ class Mailbox:
         if self.fd is None:
             self.index = _mbox.Scanner().finish()
             return
-        with self.locks(write=self.writable):
+        # Only this session (it holds the marker) writes a journal, so a
+        # look before locking is enough to know whether the scan must write.
+        repair = os.path.exists(self.journal_path) or os.path.exists(self.journal_path + ".tmp")
+        with self.locks(write=self.writable and repair):
             if self.writable:
                 done = mbox_commit.replay(self.fd, self.journal_path)
                 if done:
                     log.warning("%s: an interrupted commit was %s", self.name, done)
-            elif os.path.exists(self.journal_path):
+            elif repair and os.path.exists(self.journal_path):
                 # half rewritten, and we may not finish it: showing it could lie
                 log.error("%s: an interrupted commit needs replaying, but the spool is "
                           "read-only for us", self.name)
