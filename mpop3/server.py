@@ -20,12 +20,12 @@ import os
 import signal
 import socket
 import stat
-from concurrent.futures import ThreadPoolExecutor
 
 from . import config as config_module
 from . import replies
 from .limits import LoginDelayClock, LoginThrottle
 from .session import Session
+from .workers import Workers
 
 log = logging.getLogger("mpop3.server")
 
@@ -50,8 +50,7 @@ class Shared:
         self.conf = conf
         self.tables = tables
         self.loop = loop
-        self.executor = ThreadPoolExecutor(max_workers=conf.values["worker_threads"],
-                                           thread_name_prefix="mpop3-worker")
+        self.workers = Workers(loop, conf.values["worker_threads"])
         self.sessions = set()
         self.per_address = {}
         self.stopping = False
@@ -66,6 +65,15 @@ class Shared:
                       implementation=settings.implementation)
         self.capa = replies.capabilities(uidl=True, **extras)
         self.capa_no_uidl = replies.capabilities(uidl=False, **extras)
+
+    def sweep_idle(self):
+        """One timer for every session: close those idle for too long.
+        Runs every quarter of the timeout (at most every second)."""
+        timeout = self.settings.idle_timeout
+        now = self.loop.time()
+        for session in list(self.sessions):
+            session.idle_check(now, timeout)
+        self.loop.call_later(min(1.0, max(0.02, timeout / 4)), self.sweep_idle)
 
     def admit(self, session):
         """None to serve a new session, or the reply that refuses it."""
@@ -104,6 +112,7 @@ class Server:
 
     async def start_listeners(self):
         """Bind every `listen` address; returns the (host, port) bound."""
+        self.shared.sweep_idle()
         bound = []
         for host, port in self.shared.conf.listen:
             listener = await self.loop.create_server(self.new_session, host, port, reuse_address=True,
@@ -117,6 +126,7 @@ class Server:
 
     async def serve_stdin(self):
         """One session on file descriptors 0 and 1 (inetd, systemd Accept=yes)."""
+        self.shared.sweep_idle()
         session = self.new_session()
         session.closed_waiter = self.loop.create_future()
         if stat.S_ISSOCK(os.fstat(0).st_mode):  # inetd, systemd Accept=yes, socat
@@ -131,8 +141,8 @@ class Server:
 
     async def finish_commits(self):
         """Let any commit in a worker thread finish before the loop ends."""
-        self.shared.executor.shutdown(wait=False)
-        await self.loop.run_in_executor(None, self.shared.executor.shutdown, True)
+        await self.loop.run_in_executor(None, self.shared.workers.shutdown)
+        await asyncio.sleep(0)  # the callbacks they scheduled
 
     def stop(self):
         """SIGTERM: stop accepting, wait out the grace period, then close."""

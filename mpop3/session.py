@@ -34,6 +34,9 @@ MAX_PENDING_LINES = 256
 # While streaming a message, hand the loop back to other sessions after
 # this many chunks even if the socket keeps accepting them.
 CHUNKS_PER_TURN = 8
+# Stop producing when this much waits for a slow client (the bound on a
+# session's memory); 256 KiB rather than the default 64 KiB keeps fast
+# clients streaming instead of stopping and starting.
 WRITE_BUFFER_HIGH = 256 * 1024
 
 
@@ -101,12 +104,12 @@ def commit_job(storage, handle, deleted):
 
 class Session:
     """asyncio Protocol for one client. `shared` is the server's Shared:
-    configuration, function tables, executor and server-wide counters."""
+    configuration, function tables, worker threads and server-wide counters."""
 
     __slots__ = (
         "shared", "loop", "transport", "peer", "reader", "pending", "state", "busy", "out",
         "user", "mailbox", "handle", "sizes", "deleted", "uidl", "uids", "bad", "too_long",
-        "failures", "last_active", "idle_timer", "stream", "write_paused", "pump_scheduled",
+        "failures", "last_active", "stream", "write_paused", "pump_scheduled",
         "timestamp", "eof", "reading_paused", "closed_waiter", "counted",
     )
 
@@ -130,8 +133,7 @@ class Session:
         self.bad = 0  # bad commands in a row
         self.too_long = False  # an over-long line was seen already
         self.failures = 0
-        self.last_active = 0.0
-        self.idle_timer = None
+        self.last_active = 0.0  # loop.time() of the last sign of life (the server's idle sweep reads it)
         self.stream = None  # the iterator of the message being sent
         self.write_paused = False
         self.pump_scheduled = False
@@ -154,9 +156,8 @@ class Session:
             transport.close()
             return
         self.counted = True
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.last_active = self.loop.time()
-        self.idle_timer = self.loop.call_later(shared.settings.idle_timeout, self.idle_check)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         greeting = replies.GREETING
         timestamp = shared.tables.auth.auth_timestamp()
         if timestamp:
@@ -189,9 +190,6 @@ class Session:
         self.state = CLOSED
         self.stream = None
         self.pending = None
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
         if self.counted:
             self.counted = False
             self.shared.forget(self)
@@ -305,18 +303,15 @@ class Session:
             except Exception:
                 log.exception("%s: unlocking mailbox %s failed", self.peer, self.mailbox)
 
-    def idle_check(self):
-        self.idle_timer = None
-        if self.state is CLOSED:
+    def idle_check(self, now, timeout):
+        """Called by the server's idle sweep: close if idle too long. Time
+        spent waiting on our own work (hashing, opening) is not idleness."""
+        if self.state is CLOSED or (self.busy and self.stream is None):
             return
-        timeout = self.shared.settings.idle_timeout
-        idle = self.loop.time() - self.last_active
-        if idle < timeout or (self.busy and self.stream is None):
-            # activity since the timer was set, or we are the slow one
-            self.idle_timer = self.loop.call_later(max(timeout - idle, 0.05), self.idle_check)
-            return
-        log.info("%s: idle for %.0f s, closing", self.peer, idle)
-        self.close(replies.ERR_IDLE)
+        idle = now - self.last_active
+        if idle >= timeout:
+            log.info("%s: idle for %.1f s, closing", self.peer, idle)
+            self.close(replies.ERR_IDLE)
 
     def shut_down(self):
         """Server shutdown after the grace period: close, commit nothing."""
@@ -348,16 +343,14 @@ class Session:
     def start_login(self, user, secret, apop_timestamp):
         shared = self.shared
         self.busy = True
-        future = self.loop.run_in_executor(
-            shared.executor, login_job, shared.tables.auth, shared.tables.storage,
-            shared.login_clock, shared.settings.login_delay, decode(user), decode(secret),
-            apop_timestamp)
-        future.add_done_callback(lambda f: self.login_done(f, user, secret))
+        shared.workers.submit(
+            lambda result, exc: self.login_done(result, exc, user, secret),
+            login_job, shared.tables.auth, shared.tables.storage, shared.login_clock,
+            shared.settings.login_delay, decode(user), decode(secret), apop_timestamp)
 
-    def login_done(self, future, user, secret):
-        exc = future.exception()
+    def login_done(self, result, exc, user, secret):
         if exc is None:
-            mailbox, handle, sizes, uidl = future.result()
+            mailbox, handle, sizes, uidl = result
             if self.state is CLOSED:
                 self.handle = handle
                 self.release()
@@ -533,8 +526,8 @@ class Session:
             self.quit_done(None, 0)
             return
         self.flush()
-        future = self.loop.run_in_executor(self.shared.executor, commit_job, storage, handle, deleted)
-        future.add_done_callback(lambda f: self.quit_done(f.exception(), len(deleted)))
+        self.shared.workers.submit(lambda result, exc: self.quit_done(exc, len(deleted)),
+                                   commit_job, storage, handle, deleted)
 
     def quit_done(self, exc, deleted):
         left = len(self.sizes) - deleted

@@ -94,7 +94,7 @@ def harness():
     loop.set_exception_handler(lambda loop, context: errors.records.append(context))
     yield loop, server, tables, errors
     logging.getLogger("mpop3").removeHandler(errors)
-    server.shared.executor.shutdown()
+    server.shared.workers.shutdown()
     loop.close()
 
 
