@@ -3,6 +3,7 @@ its commit, kill -9 at many instants of a 100 MB commit, a full disk."""
 
 import os
 import poplib
+import random
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 
 import pytest
 from mbox_helpers import TREE, message, spool_of, storage
@@ -110,6 +112,7 @@ COMMITTER = textwrap.dedent("""
     mod = storage({spool_dir!r})
     box = mod.storage_lock_mailbox("bob")
     mbox_commit.step_hook = hook
+    print("go", flush=True)
     mod.storage_synch(box, {{0}})
     mod.storage_unlock_mailbox(box)
     print(len(taken))
@@ -126,7 +129,7 @@ def test_kill_9_at_twenty_instants_of_a_100_mb_commit_leaves_old_or_new(tmp_path
     script = COMMITTER.format(tree=TREE, spool_dir=str(spool_dir))
     spool.write_bytes(old)
     finished = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True, timeout=120)
-    steps = int(finished.stdout)  # an uninterrupted commit: how many steps it takes
+    steps = int(finished.stdout.split()[-1])  # an uninterrupted commit: how many steps it takes
     assert spool.read_bytes() == new and steps >= 20
     mod = storage(spool_dir)
     outcomes = []
@@ -143,6 +146,19 @@ def test_kill_9_at_twenty_instants_of_a_100_mb_commit_leaves_old_or_new(tmp_path
         outcomes.append(after == new)
         assert sorted(os.listdir(spool_dir)) == ["bob"]
     assert len(outcomes) == 20 and any(outcomes) and not all(outcomes)
+    # and five kills by the clock, wherever the commit happens to be (inside
+    # a copy_file_range, an fsync, ...)
+    rng = random.Random(7)
+    for delay in [rng.uniform(0, 0.3) for _ in range(5)]:
+        spool.write_bytes(old)
+        child = subprocess.Popen([sys.executable, "-c", script, "0"], stdout=subprocess.PIPE)
+        assert child.stdout.readline() == b"go\n"
+        time.sleep(delay)
+        child.kill()
+        child.wait()
+        box = mod.storage_lock_mailbox("bob")
+        mod.storage_unlock_mailbox(box)
+        assert spool.read_bytes() in (old, new), f"killed {delay:.3f} s into the commit"
 
 
 # ---- disk full -----------------------------------------------------------------------
