@@ -215,3 +215,32 @@ def test_hundreds_of_mail_shaped_spools_agree_with_the_reference():
             unstuffed = sum(len(line[1:] if line.startswith(b".") else line) + 2
                             for line in wire[:-3].split(b"\r\n")[:-1])
             assert unstuffed == index.size(i)
+
+
+def test_scanning_and_writing_let_other_threads_run(tmp_path):
+    # the kernels run without the GIL: a scan in a worker thread must not
+    # stall the event loop's thread for its whole duration
+    import threading
+    import time
+    path = tmp_path / "spool"
+    path.write_bytes(spool_of(8000, body_lines=300))  # ~60 MB
+    fd = os.open(path, os.O_RDONLY)
+    started = time.perf_counter()
+    _mbox.scan_fd(fd, os.fstat(fd).st_size)
+    one_scan = time.perf_counter() - started
+    done = threading.Event()
+
+    def work():
+        for _ in range(4):
+            _mbox.scan_fd(fd, os.fstat(fd).st_size)
+        done.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    longest, last = 0.0, time.perf_counter()
+    while not done.is_set():
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    worker.join()
+    os.close(fd)
+    assert longest < one_scan / 2, (longest, one_scan)
