@@ -384,7 +384,7 @@ cdef int mbox_number_duplicates(MsgEntry *msgs, Py_ssize_t count) noexcept nogil
 cdef class MboxIndex:
     """The messages of one scanned spool: offsets, sizes, unique ids.
 
-    44 bytes a message, in one C array; the per-message Python objects
+    48 bytes a message (with padding), in one C array; the per-message Python objects
     (sizes, ids) are made only when asked for.
     """
     cdef MsgEntry *msgs
