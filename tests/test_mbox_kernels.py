@@ -7,7 +7,9 @@ import os
 import poplib
 
 import pytest
-from mbox_helpers import random_spool, seeded, spool_of
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mbox_helpers import PIECES, random_spool, seeded, spool_of
 
 from mpop3 import _mbox
 from mpop3 import mbox_reference as ref
@@ -244,3 +246,16 @@ def test_scanning_and_writing_let_other_threads_run(tmp_path):
     worker.join()
     os.close(fd)
     assert longest < one_scan / 2, (longest, one_scan)
+
+
+PIECE_LISTS = st.lists(st.sampled_from(PIECES), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(PIECE_LISTS, st.integers(1, 40), st.integers(0, 3))
+def test_any_spool_of_awkward_pieces_matches_the_reference(pieces, cut, lines):
+    data = b"".join(pieces)
+    index = index_of(data, [cut] * (len(data) // cut))
+    assert view_of(index) == reference_rows(data)
+    for i, m in enumerate(ref.parse(data)):
+        assert retr(data, index, i, lines, piece=cut) == ref.render(data[m.data:m.end], lines)

@@ -485,3 +485,12 @@ def test_a_journal_planted_by_someone_else_is_not_applied(mod, spool_dir):
     with pytest.raises(StorageTempError):
         mod.storage_lock_mailbox("bob")
     assert (spool_dir / "bob.mpop3-journal").exists()  # left for the administrator
+
+
+def test_with_fcntl_only_a_dot_lock_does_not_stop_us(spool_dir):
+    mod = storage(spool_dir, mbox_locks="fcntl", mbox_lock_timeout="1")
+    (spool_dir / "bob").write_bytes(spool_of(3))
+    (spool_dir / "bob.lock").write_bytes(b"0")
+    commit(mod, "bob", [0])
+    assert (spool_dir / "bob").read_bytes() == spool_of(2, start=1)
+    assert (spool_dir / "bob.lock").read_bytes() == b"0"
