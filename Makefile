@@ -65,8 +65,12 @@ install: build
 test: build
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests
 
-bench: build
+bench: build bench/loadgen
 	$(VPY) -m pytest -q bench
+
+# the load generator is C so that the client is never the bottleneck
+bench/loadgen: bench/loadgen.c
+	$(CC) -O2 -Wall -o $@ bench/loadgen.c
 
 run: build
 	$(VPY) tools/demo.py

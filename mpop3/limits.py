@@ -73,16 +73,19 @@ class LoginDelayClock:
 
     def wait_needed(self, mailbox, delay):
         """Seconds still to wait before `mailbox` may log in again."""
-        if delay <= 0:
-            return 0
         before = self.last.get(mailbox)
+        if delay <= 0 or before is None:
+            return 0
+        return max(0, delay - (self.clock() - before))
+
+    def logged_in(self, mailbox, delay):
+        """Record a login that succeeded (only those count)."""
+        if delay <= 0:
+            return
         now = self.clock()
-        if before is not None and now - before < delay:
-            return delay - (now - before)
         self.last[mailbox] = now
         if len(self.last) > MAX_ADDRESSES:  # forget logins older than the delay
             self.last = {m: t for m, t in self.last.items() if now - t < delay}
-        return 0
 
 
 def valid_mailbox_name(name):

@@ -68,7 +68,6 @@ def login_job(auth, storage, clock, login_delay, user, secret, apop_timestamp):
         raise BadMailboxName(mailbox)
     if auth.auth_login_delay_needed(user) > 0 or clock.wait_needed(mailbox, login_delay) > 0:
         raise LoginDelay()
-    storage = storage
     handle = storage.storage_lock_mailbox(mailbox)
     try:
         sizes = list(storage.storage_message_sizes(handle))
@@ -79,6 +78,7 @@ def login_job(auth, storage, clock, login_delay, user, secret, apop_timestamp):
     except BaseException:
         storage.storage_unlock_mailbox(handle)
         raise
+    clock.logged_in(mailbox, login_delay)
     return mailbox, handle, sizes, uidl
 
 

@@ -1,0 +1,227 @@
+"""Load benchmarks (`make bench`): mpop3 against a canned uvloop responder
+measured in the same run, driven by bench/loadgen (C, one thread).
+
+- logins: connect, USER, PASS, STAT, QUIT at 1, 8 and 32 concurrent
+  clients, a distinct user (and mailbox) per client;
+- RETR: 1 and 4 clients (separate users), each fetching a 30 MB mailbox of
+  mixed message sizes again and again, every message checked against LIST;
+- memory: PSS of the server process per idle logged-in session, at 1,000.
+
+Results are printed as a table with ratios to the canned responder (and
+appended to bench/results.txt). The load generator's own CPU share is
+reported so one can see it is not the bottleneck.
+"""
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TREE = os.path.dirname(HERE)
+LOADGEN = os.path.join(HERE, "loadgen")
+SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
+# The spools live in RAM (/dev/shm) when it exists, so that the numbers are
+# the server's and not this machine's disk; BENCH_DIR=/some/disk/dir measures
+# a disk-backed spool instead.
+BENCH_DIR = os.environ.get("BENCH_DIR") or ("/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+IDLE_SESSIONS = 1000
+RETR_MAILBOX_BYTES = 30 * 1000 * 1000
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def message(rng, number, size):
+    head = (b"From: sender%d@example.org\nTo: bench@example.org\nSubject: message %d\n"
+            b"Message-ID: <%d.bench@example.org>\n\n" % (number, number, number))
+    lines = []
+    total = len(head)
+    while total < size:
+        n = rng.randint(20, 120)
+        line = (b". dotted line\n" if rng.random() < 0.02 else b"x" * n + b"\n")
+        lines.append(line)
+        total += len(line)
+    return head + b"".join(lines)
+
+
+def retr_mailbox():
+    """About 30 MB of mixed sizes: mostly small, some medium, a few large."""
+    rng = random.Random(1939)
+    out, number = [], 0
+    total = 0
+    while total < RETR_MAILBOX_BYTES:
+        pick = rng.random()
+        size = rng.randint(1000, 8000) if pick < 0.80 else rng.randint(50000, 200000) if pick < 0.97 \
+            else rng.randint(1000000, 3000000)
+        m = message(rng, number, size)
+        out.append(b"From bench@example.org Thu Nov 19 10:00:00 2026\n" + m + b"\n")
+        total += len(m)
+        number += 1
+    return b"".join(out)
+
+
+def small_mailbox(i):
+    rng = random.Random(i)
+    return b"".join(b"From bench@example.org Thu Nov 19 10:00:00 2026\n" + message(rng, n, 3000) + b"\n"
+                    for n in range(3))
+
+
+def start_mpop3(root, conf_text):
+    port = free_port()
+    conf = root / f"mpop3-{port}.conf"
+    conf.write_text(f"listen 127.0.0.1:{port}\nmodule_dir {TREE}/modules\nlog_level warning\n"
+                    f"max_sessions 5000\nmax_sessions_per_ip 5000\n" + conf_text)
+    server = subprocess.Popen([sys.executable, "-m", "mpop3", "-c", str(conf)], cwd=TREE,
+                              stderr=subprocess.PIPE)
+    wait_listening(port)
+    return server, port
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    if BENCH_DIR:
+        import pathlib
+        import tempfile
+        root = pathlib.Path(tempfile.mkdtemp(prefix="mpop3-bench-", dir=BENCH_DIR))
+    spool = root / "spool"
+    spool.mkdir()
+    with open(root / "passwd", "w") as f:
+        for i in range(IDLE_SESSIONS):
+            f.write(f"user{i}:pw\n")
+        for i in range(4):
+            f.write(f"r{i}:pw\n")
+    for i in range(IDLE_SESSIONS):
+        (spool / f"user{i}").write_bytes(small_mailbox(i))
+    big = retr_mailbox()
+    for i in range(4):  # separate copies: a hard link is the same mailbox
+        (spool / f"r{i}").write_bytes(big)
+    server, port = start_mpop3(root, f"auth_module auth_file\n> passwd_file {root}/passwd\n"
+                                     f"storage_module storage_mbox\n> storage_dir {spool}\n")
+    # the same server without a storage module (every mailbox empty): what
+    # the core costs, apart from the mbox engine
+    core, core_port = start_mpop3(root, f"auth_module auth_file\n> passwd_file {root}/passwd\n")
+    canned_port = free_port()
+    canned = subprocess.Popen([sys.executable, os.path.join(HERE, "canned.py"), str(canned_port),
+                               str(spool / "r0")], stdout=subprocess.PIPE)
+    assert canned.stdout.readline() == b"ready\n"
+    yield {"mpop3": (server, port), "core": (core, core_port), "canned": (canned, canned_port),
+           "results": [], "where": str(root)}
+    for proc in (server, core, canned):
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def wait_listening(port):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not start")
+
+
+def cpu_seconds(pid):
+    """User + system CPU of a process and all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pss_kib(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise RuntimeError("no Pss")
+
+
+def loadgen(mode, port, clients, seconds, userfmt):
+    result = subprocess.run([LOADGEN, mode, str(port), str(clients), str(seconds), userfmt, "pw"],
+                            capture_output=True, text=True, timeout=seconds + 60)
+    assert result.returncode == 0, result.stderr
+    return dict((k, float(v)) for k, v in (item.split("=") for item in result.stdout.split()))
+
+
+def measure(site, target, mode, clients, userfmt):
+    proc, port = site[target]
+    before = cpu_seconds(proc.pid)
+    r = loadgen(mode, port, clients, SECONDS, userfmt)
+    r["server_cpu"] = (cpu_seconds(proc.pid) - before) / r["seconds"]
+    r["loadgen_cpu"] = r["cpu"] / r["seconds"]
+    assert r["errors"] == 0, (target, mode, r)
+    return r
+
+
+def report(site, capsys, line):
+    site["results"].append(line)
+    with capsys.disabled():
+        print(line)
+    with open(os.path.join(HERE, "results.txt"), "a") as f:
+        f.write(line + "\n")
+
+
+@pytest.mark.parametrize("clients", [1, 8, 32])
+def test_logins_per_second(site, capsys, clients):
+    ours = measure(site, "mpop3", "login", clients, "user%d")
+    core = measure(site, "core", "login", clients, "user%d")
+    canned = measure(site, "canned", "login", clients, "user%d")
+    rate, base = ours["sessions"] / ours["seconds"], canned["sessions"] / canned["seconds"]
+    core_rate = core["sessions"] / core["seconds"]
+    if clients == 1:
+        report(site, capsys, f"spools in {site['where']}")
+    report(site, capsys, f"login {clients:>2} clients: mpop3 {rate:7.0f} sessions/s, canned {base:7.0f}/s, "
+           f"ratio {rate / base:.2f}; without storage module {core_rate:7.0f}/s, ratio {core_rate / base:.2f}; "
+           f"CPU: server {ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores")
+    assert ours["sessions"] > 0 and core["sessions"] > 0
+
+
+@pytest.mark.parametrize("clients", [1, 4])
+def test_retr_throughput(site, capsys, clients):
+    ours = measure(site, "mpop3", "retr", clients, "r%d")
+    canned = measure(site, "canned", "retr", clients, "r%d")
+    rate, base = ours["bytes"] / ours["seconds"] / 1e6, canned["bytes"] / canned["seconds"] / 1e6
+    report(site, capsys, f"RETR  {clients} client{'s' if clients > 1 else ' '}: mpop3 {rate:7.0f} MB/s, "
+           f"canned {base:7.0f} MB/s, ratio {rate / base:.2f}; {ours['messages']:.0f} messages checked; "
+           f"CPU: server {ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores")
+    assert ours["messages"] > 0
+
+
+def idle_pss(site, target):
+    proc, port = site[target]
+    measure(site, target, "login", 4, "user%d")  # warm up allocators and caches
+    time.sleep(0.5)
+    before = pss_kib(proc.pid)
+    hold = subprocess.Popen([LOADGEN, "idle", str(port), str(IDLE_SESSIONS), "0", "user%d", "pw"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ready = hold.stdout.readline()
+    assert ready.startswith("ready") and "errors=0" in ready, ready
+    time.sleep(0.5)
+    after = pss_kib(proc.pid)
+    hold.stdin.close()
+    hold.wait(30)
+    time.sleep(0.5)
+    return (after - before) / IDLE_SESSIONS
+
+
+def test_memory_per_idle_session(site, capsys):
+    ours = idle_pss(site, "mpop3")
+    canned = idle_pss(site, "canned")
+    # the canned responder's connections cost next to nothing (a ratio to
+    # ~0 means nothing): both are shown as absolute figures
+    report(site, capsys, f"idle {IDLE_SESSIONS} sessions: mpop3 {ours:.1f} KiB PSS per logged-in session "
+           f"(target <= 30 KB), canned {canned:.1f} KiB per connection")
+    assert ours < 30
