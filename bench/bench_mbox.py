@@ -146,13 +146,18 @@ def test_commit_deleting_the_first_message_vs_cp(benchmark, storage, spool_1g, r
     work = os.path.join(CACHE, "commit")
     os.makedirs(work, exist_ok=True)
     target = os.path.join(work, "bob")
-    cp_times = []
+    cp_times, sync_times = [], []
     box = {}
 
     def setup():
+        # cp's dirty pages are written back before the commit starts, so the
+        # commit's fsyncs do not pay for them; cp + that sync is reported too
+        os.sync()
         started = time.perf_counter()
         subprocess.run(["cp", spool_1g, target], check=True)
         cp_times.append(time.perf_counter() - started)
+        os.sync()
+        sync_times.append(time.perf_counter() - started)
         storage.module_init({"storage_dir": work})
         box["h"] = storage.storage_lock_mailbox("bob")
 
@@ -161,13 +166,13 @@ def test_commit_deleting_the_first_message_vs_cp(benchmark, storage, spool_1g, r
         storage.storage_unlock_mailbox(box["h"])
 
     try:
-        benchmark.pedantic(commit, setup=setup, rounds=2, iterations=1)
+        benchmark.pedantic(commit, setup=setup, rounds=3, iterations=1)
     finally:
         storage.module_init({"storage_dir": CACHE})
-    ours, cp_s = benchmark.stats.stats.min, min(cp_times)
+    ours, cp_s, cp_sync_s = benchmark.stats.stats.min, min(cp_times), min(sync_times)
     report("commit of 1 GB deleting message 1",
-           f"{ours:.2f} s (journal + in-place rewrite + 2 fsyncs); cp {cp_s:.2f} s; "
-           f"time ratio {ours / cp_s:.2f}x (goal <= 2.5)")
+           f"{ours:.2f} s (journal + in-place rewrite + 2 fsyncs); cp {cp_s:.2f} s, time ratio "
+           f"{ours / cp_s:.2f}x (goal <= 2.5); cp + sync {cp_sync_s:.2f} s, ratio {ours / cp_sync_s:.2f}x")
     shutil.rmtree(work)
 
 
