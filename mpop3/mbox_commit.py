@@ -24,6 +24,8 @@ import os
 import struct
 import zlib
 
+from ._mbox import start_writeback
+
 MAGIC = b"MPOP3JN1"
 FIXED = struct.Struct("<8sQQQQQII")  # magic dev ino old_size start length head_n tail_n
 SAMPLE = 4096  # bytes of the old end recorded at each side: the replay's witness
@@ -146,6 +148,7 @@ def copy_range(src, src_off, dst, dst_off, n):
             done = os.pwrite(dst, data, dst_off) if data else 0
         if done <= 0:
             raise OSError(errno.EIO, "short copy: the source ended early")
+        start_writeback(dst, dst_off, done)  # overlap the disk writes with the copy
         src_off += done
         dst_off += done
         n -= done
