@@ -31,6 +31,11 @@ AUTHORIZATION, TRANSACTION, UPDATE, CLOSED = "AUTHORIZATION", "TRANSACTION", "UP
 # Lines waiting while the session is busy; past this, stop reading the socket
 # until they are handled (bounded memory for a pipelining client).
 MAX_PENDING_LINES = 256
+# Replies gathered before they are written; more pipelined commands wait
+# until the client has read enough (pause_writing), so a client that sends
+# and never reads cannot make the server buffer without bound.
+REPLIES_PER_WRITE = 64
+BIG_REPLY = 16 * 1024  # a listing this long is written at once
 # While streaming a message, hand the loop back to other sessions after
 # this many chunks even if the socket keeps accepting them.
 CHUNKS_PER_TURN = 8
@@ -204,15 +209,19 @@ class Session:
         self.last_active = self.loop.time()
         if self.stream is not None:
             self.pump()
+        elif self.pending:
+            self.run()
 
     # --- the command loop ------------------------------------------------------
 
     def run(self):
         """Handle waiting lines in order until done or busy, then write."""
         pending = self.pending
-        while pending and not self.busy and self.state is not CLOSED:
-            line = pending.popleft()
-            self.handle_line(line)
+        out = self.out
+        while pending and not self.busy and not self.write_paused and self.state is not CLOSED:
+            self.handle_line(pending.popleft())
+            if len(out) >= REPLIES_PER_WRITE or (out and len(out[-1]) > BIG_REPLY):
+                self.flush()  # may pause us: a client that does not read gets no more
         if self.state is CLOSED:
             return
         self.flush()

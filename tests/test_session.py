@@ -535,3 +535,32 @@ def test_sessions_use_tcp_nodelay(server):
         socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sessions])
     assert options == [1]
     w.cmd("QUIT")
+
+
+def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory(tables):
+    tables.storage.boxes["bob"] = [b"Subject: %d\n\nx\n" % i for i in range(2000)]  # LIST: ~20 KB
+    with ServerThread(tables) as s:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(b"USER bob\r\nPASS secret\r\n")
+        time.sleep(0.2)
+        sock.setblocking(False)
+        sent = 0
+        try:
+            for _ in range(3000):  # 3000 LISTs would be 60 MB of replies
+                sent += sock.send(b"LIST\r\n")
+        except BlockingIOError:
+            pass
+        time.sleep(0.5)
+        buffered = s.call(lambda: [x.transport.get_write_buffer_size() for x in s.server.shared.sessions])
+        assert buffered and max(buffered) < 512 * 1024, buffered
+        sock.setblocking(True)
+        sock.settimeout(10)
+        answered, tail = 0, b""
+        while answered < sent // 6:  # every LIST is answered in the end
+            chunk = sock.recv(1 << 20)
+            assert chunk
+            window = tail + chunk
+            answered += window.count(b"+OK 2000 messages")
+            tail = window[-20:].rpartition(b"\r\n")[2]  # a header cut in two is counted once
