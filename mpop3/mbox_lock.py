@@ -82,7 +82,7 @@ def try_dotlock(spool_path, stale_after):
     tmp = _unique_name(os.path.dirname(spool_path) or ".")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+        os.write(fd, _token())
     finally:
         os.close(fd)
     try:
@@ -114,9 +114,19 @@ def break_if_stale(lock_path, stale_after):
             pass
 
 
+def _token():
+    return f"{os.getpid()}@{socket.gethostname()}\n".encode()
+
+
 def release_dotlock(spool_path):
+    """Remove SPOOL.lock if it is still ours (somebody may have judged it
+    stale and taken it since; theirs is not ours to remove)."""
+    lock_path = spool_path + ".lock"
     try:
-        os.unlink(spool_path + ".lock")
+        with open(lock_path, "rb") as f:
+            if f.read(200) != _token():
+                return
+        os.unlink(lock_path)
     except FileNotFoundError:
         pass
 
@@ -146,8 +156,8 @@ def spool_locks(spool_path, fd, methods, write, timeout, stale_after):
     them in the other order waits for it. StorageTempError after `timeout`."""
     deadline = time.monotonic() + timeout
     wait = POLL
+    dot = "dotlock" in methods
     while True:
-        dot = "dotlock" in methods
         have_dot = not dot or try_dotlock(spool_path, stale_after)
         have_fcntl = False
         if have_dot:
@@ -170,7 +180,7 @@ def spool_locks(spool_path, fd, methods, write, timeout, stale_after):
     finally:
         if fd is not None and "fcntl" in methods:
             release_fcntl(fd)
-        if "dotlock" in methods:
+        if dot:
             release_dotlock(spool_path)
 
 

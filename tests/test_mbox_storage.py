@@ -494,3 +494,16 @@ def test_with_fcntl_only_a_dot_lock_does_not_stop_us(spool_dir):
     commit(mod, "bob", [0])
     assert (spool_dir / "bob").read_bytes() == spool_of(2, start=1)
     assert (spool_dir / "bob.lock").read_bytes() == b"0"
+
+
+def test_we_remove_only_our_own_dot_lock(spool_dir):
+    # if our lock was judged stale and another program's lock replaced it,
+    # releasing ours must not remove theirs
+    from mpop3.mbox_lock import spool_locks
+    spool = spool_dir / "bob"
+    spool.write_bytes(spool_of(1))
+    with spool_locks(str(spool), None, ("dotlock",), True, 1, 1024):
+        assert (spool_dir / "bob.lock").read_text().startswith(f"{os.getpid()}@")
+        (spool_dir / "bob.lock").unlink()
+        (spool_dir / "bob.lock").write_bytes(b"0")
+    assert (spool_dir / "bob.lock").read_bytes() == b"0"
