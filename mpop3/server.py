@@ -188,7 +188,8 @@ class Server:
             merged.values[name] = new.values[name]
         self.shared.conf = merged
         self.shared.apply(merged)
-        logging.getLogger("mpop3").setLevel(logging.getLevelName(merged.values["log_level"].upper()))
+        if new.values["log_level"] != old.values["log_level"]:  # else keep -d's debug
+            logging.getLogger("mpop3").setLevel(logging.getLevelName(new.values["log_level"].upper()))
         log.info("reloaded %s", old.path)
 
 

@@ -13,6 +13,7 @@ import pytest
 from pop_server import ServerThread, Wire, crlf_size, memory_tables, top_form, wire_form
 
 from mpop3 import replies
+from mpop3.errors import MailboxInUse, StoragePermError, StorageTempError
 from mpop3 import session as session_module
 
 MESSAGES = [
@@ -564,3 +565,43 @@ def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory(tables):
             window = tail + chunk
             answered += window.count(b"+OK 2000 messages")
             tail = window[-20:].rpartition(b"\r\n")[2]  # a header cut in two is counted once
+
+
+@pytest.mark.parametrize("error, reply", [
+    (StorageTempError("disk trouble"), replies.ERR_TEMP),
+    (StoragePermError("permission denied"), replies.ERR_PERM),
+    (MailboxInUse("another process"), replies.ERR_IN_USE),
+    (RuntimeError("a bug in a module"), replies.ERR_INTERNAL),
+])
+def test_storage_errors_at_login_map_to_response_codes(tables, error, reply):
+    def refuse(mailbox):
+        raise error
+
+    tables.storage.storage_lock_mailbox = refuse
+    with ServerThread(tables) as s:
+        w = Wire(s.port)
+        w.cmd("USER bob")
+        answer = w.cmd("PASS secret")
+        assert answer == reply.wire[:-2]
+        assert b"disk trouble" not in answer and b"RuntimeError" not in answer  # no internals leak
+        assert w.cmd("USER bob") == replies.OK_USER.wire[:-2]  # the session goes on
+
+
+@pytest.mark.parametrize("error, reply", [
+    (StorageTempError("disk full"), replies.ERR_TEMP),
+    (StoragePermError("read-only spool"), replies.ERR_PERM),
+])
+def test_a_failed_commit_is_an_error_at_quit_and_unlocks(tables, error, reply):
+    def fail(handle, deleted):
+        raise error
+
+    tables.storage.storage_synch = fail
+    with ServerThread(tables) as s:
+        w = Wire(s.port)
+        w.login("bob", "secret")
+        w.cmd("DELE 1")
+        assert w.cmd("QUIT") == reply.wire[:-2]
+        assert w.closed()
+        w = Wire(s.port)
+        w.login("bob", "secret")  # released all the same
+        assert w.cmd("STAT").startswith(b"+OK 3 ")
