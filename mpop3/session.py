@@ -2,8 +2,8 @@
 
 A Session is an asyncio Protocol. Input goes through the Cython LineReader
 and parse_command (mpop3/_proto.pyx); each line is handled strictly in
-order, and the replies to everything one read delivered are written in one
-write (pipelining, RFC 2449 section 6.6). Work that may block (checking a
+order, and the replies to what one read delivered go out together, in few
+writes (pipelining, RFC 2449 section 6.6). Work that may block (checking a
 password hash, opening a mailbox, committing deletions) runs in a worker
 thread; while it runs, the session is "busy" and later lines wait their
 turn. RETR and TOP stream the storage module's chunks and stop while the
