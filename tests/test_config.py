@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import TREE, run_mpop3
-from mpop3 import config
+from mpop3 import config, loader
 from mpop3.errors import ConfigError
 
 
@@ -114,6 +114,16 @@ def test_every_directive_is_documented():
     for name in names:
         assert re.search(rf"^\| `{name}\b", readme, re.M), f"README.md lacks a row for {name}"
         assert re.search(rf"^#?\s*{name}\b", shipped, re.M), f"mpop3.conf does not document {name}"
+
+
+def test_every_module_setting_is_documented():
+    """README.md has a row for each setting each shipped module accepts."""
+    with open(os.path.join(TREE, "README.md")) as f:
+        readme = f.read()
+    for name in ("auth_file", "auth_getpw", "storage_mbox"):
+        module = loader.import_module_file(config.resolve_module_file(name, config.DIRECTIVES["module_dir"].default), "t")
+        for setting in module.MPOP3_SETTINGS:
+            assert re.search(rf"^\| `{name}` \| `{setting}` \|", readme, re.M), f"README.md lacks {name} {setting}"
 
 
 def test_shipped_config_shows_the_function_map():
