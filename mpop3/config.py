@@ -74,6 +74,13 @@ def expire_policy(text):
     return whole_number(text)
 
 
+def process_count(text):
+    """A number of processes, or `auto`: one per CPU."""
+    if text == "auto":
+        return os.cpu_count() or 1
+    return positive_int(text)
+
+
 def text_value(text):
     return text
 
@@ -120,6 +127,7 @@ DIRECTIVES = {
         Directive("max_sessions_per_ip", positive_int, 32),
         Directive("shutdown_grace", seconds, 10.0),
         Directive("worker_threads", positive_int, 8),
+        Directive("processes", process_count, 1),
         Directive("login_delay", whole_number, 0),
         Directive("expire", expire_policy, None),
         Directive("implementation", text_value, None),

@@ -110,17 +110,17 @@ class Server:
     def new_session(self):
         return Session(self.shared)
 
-    async def start_listeners(self):
-        """Bind every `listen` address; returns the (host, port) bound."""
+    async def start_listeners(self, sockets=None):
+        """Bind every `listen` address, or serve on `sockets` already bound
+        (by the parent of several server processes); returns (host, port)s."""
         self.shared.sweep_idle()
+        if sockets is None:
+            sockets = [bind(host, port) for host, port in self.shared.conf.listen]
         bound = []
-        for host, port in self.shared.conf.listen:
-            listener = await self.loop.create_server(self.new_session, host, port, reuse_address=True,
-                                                     backlog=1024)
+        for sock in sockets:
+            listener = await self.loop.create_server(self.new_session, sock=sock, backlog=1024)
             self.listeners.append(listener)
-            for sock in listener.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
-                bound.append(sock.getsockname()[:2])
+            bound.append(sock.getsockname()[:2])
         log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
         return bound
 
@@ -181,8 +181,9 @@ class Server:
             log.warning("reload: listen addresses changed; that needs a restart")
         if [(m.kind, m.file, m.settings) for m in new.modules] != [(m.kind, m.file, m.settings) for m in old.modules]:
             log.warning("reload: module lines changed; that needs a restart")
-        if new.values["worker_threads"] != old.values["worker_threads"]:
-            log.warning("reload: worker_threads changed; that needs a restart")
+        for name in ("worker_threads", "processes"):
+            if new.values[name] != old.values[name]:
+                log.warning("reload: %s changed; that needs a restart", name)
         merged = config_module.Config(path=old.path, values=dict(old.values), modules=old.modules)
         for name in RELOADABLE:
             merged.values[name] = new.values[name]
@@ -354,6 +355,16 @@ async def connect_pipes(loop, session):
     await loop.connect_read_pipe(lambda: PipeReader(session, made), stdin)
 
 
+def bind(host, port):
+    """A listening socket; TCP_NODELAY on it is inherited by accepted sockets
+    (without it, a reply written in two pieces waits ~40 ms for an ACK)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    return sock
+
+
 def new_loop():
     try:
         import uvloop
@@ -364,6 +375,22 @@ def new_loop():
 
 def run(conf, tables, stdin_mode=False):
     """Serve until told to stop; the process exit code."""
+    if stdin_mode:
+        return serve(conf, tables, stdin_mode=True)
+    try:
+        sockets = [bind(host, port) for host, port in conf.listen]
+    except OSError as e:
+        log.error("cannot listen: %s", e.strerror or e)
+        return 1
+    if conf.values["processes"] > 1:
+        from . import prefork
+
+        return prefork.supervise(conf, tables, sockets, serve)
+    return serve(conf, tables, sockets=sockets)
+
+
+def serve(conf, tables, sockets=None, stdin_mode=False):
+    """One server process: its loop, its sessions, its signal handlers."""
     loop = new_loop()
     asyncio.set_event_loop(loop)
     server = Server(conf, tables, loop)
@@ -371,11 +398,7 @@ def run(conf, tables, stdin_mode=False):
         if stdin_mode:
             loop.run_until_complete(server.serve_stdin())
             return 0
-        try:
-            loop.run_until_complete(server.start_listeners())
-        except OSError as e:
-            log.error("cannot listen: %s", e.strerror or e)
-            return 1
+        loop.run_until_complete(server.start_listeners(sockets))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, server.stop)
         loop.add_signal_handler(signal.SIGHUP, server.reload)

@@ -1,6 +1,7 @@
 """Signals to the running `mpop3` command: SIGTERM stops it gracefully,
 SIGHUP reloads what is safe to reload."""
 
+import os
 import signal
 import time
 
@@ -98,3 +99,41 @@ def test_sighup_reloads_safe_settings(tmp_path):
     log = server.proc.stderr.read().decode()
     assert "reload failed, keeping the running configuration" in log and "no_such_directive" in log, log
     assert "needs a restart" not in log, log
+
+
+def greeting_pid(w):
+    return int(w.greeting.split(b"<")[1].split(b".")[0])
+
+
+def test_several_server_processes_share_the_sockets(tmp_path):
+    conf = site(tmp_path, {"processes": "3", "shutdown_grace": "1"})
+    server = Spawned(conf)
+    try:
+        held = [Wire(server.port) for _ in range(30)]
+        pids = {greeting_pid(w) for w in held}
+        assert len(pids) >= 2 and server.proc.pid not in pids, pids
+        # one mailbox, one session, whichever process serves it
+        answers = []
+        for w in held[:6]:
+            w.cmd("USER bob")
+            w.send(b"PASS pw\r\n")
+        answers = sorted(w.line()[:12] for w in held[:6])
+        assert answers == [b"+OK maildrop"] + [b"-ERR [IN-USE"] * 5, answers
+        for w in held:
+            w.close()
+        # a worker that dies is replaced
+        victim = pids.pop()
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            fresh = {greeting_pid(Wire(server.port)) for _ in range(20)}
+            if len(fresh - pids - {victim}) >= 1:
+                break
+            assert time.monotonic() < deadline, (fresh, pids, victim)
+            time.sleep(0.2)
+        assert count(server.port, "alice") == 2
+    finally:
+        assert server.stop() == 0
+    log = server.proc.stderr.read().decode()
+    assert f"server process {victim} ended unexpectedly" in log, log
+    assert "all server processes stopped" in log
