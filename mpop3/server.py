@@ -55,11 +55,15 @@ class Shared:
         self.per_address = {}
         self.stopping = False
         self.login_clock = LoginDelayClock()
+        self.throttle = None
         self.apply(conf)
 
     def apply(self, conf):
         self.settings = settings = Settings(conf)
-        self.throttle = LoginThrottle(settings.login_fail_delay, settings.login_fail_delay_max)
+        if self.throttle is None:
+            self.throttle = LoginThrottle(settings.login_fail_delay, settings.login_fail_delay_max)
+        else:  # a reload keeps what the throttle remembers of failures
+            self.throttle.base, self.throttle.maximum = settings.login_fail_delay, settings.login_fail_delay_max
         announced_delay = max(settings.login_delay, int(self.tables.auth.auth_default_login_delay() or 0))
         extras = dict(expire=settings.expire, login_delay=announced_delay,
                       implementation=settings.implementation)
