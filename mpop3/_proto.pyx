@@ -32,13 +32,15 @@ QUIT = 10
 TOP = 11
 UIDL = 12
 CAPA = 13
+STLS = 14  # RFC 2595
+AUTH = 15  # RFC 5034: AUTH mechanism [initial-response]
 # Parse failures (first item <= 0):
 UNKNOWN = 0  # not a command we know, or a NUL in the line
 BAD_ARGS = -1  # a known command with wrong arguments; arg1 is the command id
 
 NAMES = {USER: "USER", PASS: "PASS", APOP: "APOP", STAT: "STAT", LIST: "LIST", RETR: "RETR",
          DELE: "DELE", NOOP: "NOOP", RSET: "RSET", QUIT: "QUIT", TOP: "TOP", UIDL: "UIDL",
-         CAPA: "CAPA"}
+         CAPA: "CAPA", STLS: "STLS", AUTH: "AUTH"}
 
 # The largest message number we accept; anything longer is a syntax error
 # rather than wrapping around to a small number.
@@ -49,10 +51,11 @@ TOP_ALL = 2147483647
 TOO_LONG = None  # what LineReader.feed() yields for an over-long line
 
 cdef enum ArgKind:
-    ARGS_NONE       # STAT NOOP RSET QUIT CAPA
+    ARGS_NONE       # STAT NOOP RSET QUIT CAPA STLS
     ARGS_WORD       # USER name
     ARGS_REST       # PASS: everything after "PASS " (passwords may hold spaces)
     ARGS_WORD_WORD  # APOP name digest
+    ARGS_WORD_OPT_WORD  # AUTH mechanism [initial-response]
     ARGS_NUM        # RETR DELE
     ARGS_OPT_NUM    # LIST UIDL
     ARGS_NUM_COUNT  # TOP msg lines
@@ -86,6 +89,8 @@ cdef int verb_id(const char *p, Py_ssize_t n) noexcept:
     if key == 0x51554954: return QUIT
     if key == 0x5549444C: return UIDL
     if key == 0x43415041: return CAPA
+    if key == 0x53544C53: return STLS
+    if key == 0x41555448: return AUTH
     return 0
 
 
@@ -93,6 +98,7 @@ cdef ArgKind arg_kind(int cmd) noexcept:
     if cmd == USER: return ARGS_WORD
     if cmd == PASS: return ARGS_REST
     if cmd == APOP: return ARGS_WORD_WORD
+    if cmd == AUTH: return ARGS_WORD_OPT_WORD
     if cmd == RETR or cmd == DELE: return ARGS_NUM
     if cmd == LIST or cmd == UIDL: return ARGS_OPT_NUM
     if cmd == TOP: return ARGS_NUM_COUNT
@@ -171,6 +177,11 @@ def parse_command(bytes line):
     elif kind == ARGS_WORD_WORD:
         if l < n:
             return (cmd, line[i:k], line[l:m])
+    elif kind == ARGS_WORD_OPT_WORD:
+        if l < n:
+            return (cmd, line[i:k], line[l:m])
+        if i < n:
+            return (cmd, line[i:k], None)
     elif kind == ARGS_OPT_NUM:
         if i == n:
             return (cmd, None, None)

@@ -4,13 +4,13 @@ This is the readable specification of POP3 line splitting and command
 parsing; the tests check the Cython kernels against it byte for byte.
 """
 
-USER, PASS, APOP, STAT, LIST, RETR, DELE, NOOP, RSET, QUIT, TOP, UIDL, CAPA = range(1, 14)
+USER, PASS, APOP, STAT, LIST, RETR, DELE, NOOP, RSET, QUIT, TOP, UIDL, CAPA, STLS, AUTH = range(1, 16)
 UNKNOWN = 0
 BAD_ARGS = -1
 
 NAMES = {USER: "USER", PASS: "PASS", APOP: "APOP", STAT: "STAT", LIST: "LIST", RETR: "RETR",
          DELE: "DELE", NOOP: "NOOP", RSET: "RSET", QUIT: "QUIT", TOP: "TOP", UIDL: "UIDL",
-         CAPA: "CAPA"}
+         CAPA: "CAPA", STLS: "STLS", AUTH: "AUTH"}
 VERBS = {name.encode(): cmd for cmd, name in NAMES.items()}
 
 MAX_MSG_NUMBER = 2**31 - 1
@@ -18,9 +18,9 @@ TOP_ALL = 2**31 - 1
 TOO_LONG = None
 
 # how many arguments each command takes, and of what kind
-NONE, WORD, REST, WORD_WORD, NUM, OPT_NUM, NUM_COUNT = range(7)
+NONE, WORD, REST, WORD_WORD, NUM, OPT_NUM, NUM_COUNT, WORD_OPT_WORD = range(8)
 ARGS = {USER: WORD, PASS: REST, APOP: WORD_WORD, RETR: NUM, DELE: NUM, LIST: OPT_NUM,
-        UIDL: OPT_NUM, TOP: NUM_COUNT}
+        UIDL: OPT_NUM, TOP: NUM_COUNT, AUTH: WORD_OPT_WORD}
 
 
 def read_number(text, limit, saturate=False):
@@ -52,6 +52,8 @@ def parse_command(line):
         return (cmd, words[0], None)
     if kind == WORD_WORD and len(words) == 2:
         return (cmd, words[0], words[1])
+    if kind == WORD_OPT_WORD and len(words) in (1, 2):
+        return (cmd, words[0], words[1] if len(words) == 2 else None)
     if kind == OPT_NUM and not words:
         return (cmd, None, None)
     if kind in (OPT_NUM, NUM) and len(words) == 1:

@@ -57,8 +57,13 @@ PARSES = [
     (b"", (P.UNKNOWN, None, None)),
     (b" STAT", (P.UNKNOWN, None, None)),
     (b"STATS", (P.UNKNOWN, None, None)),
-    (b"STLS", (P.UNKNOWN, None, None)),  # not offered (yet)
-    (b"AUTH", (P.UNKNOWN, None, None)),
+    (b"STLS", (P.STLS, None, None)),
+    (b"stls x", (P.BAD_ARGS, P.STLS, None)),
+    (b"AUTH", (P.BAD_ARGS, P.AUTH, None)),
+    (b"AUTH PLAIN", (P.AUTH, b"PLAIN", None)),
+    (b"auth plain AGJvYgBwdw==", (P.AUTH, b"plain", b"AGJvYgBwdw==")),
+    (b"AUTH PLAIN = ", (P.AUTH, b"PLAIN", b"=")),
+    (b"AUTH PLAIN a b", (P.BAD_ARGS, P.AUTH, None)),
     (b"XTND XLST", (P.UNKNOWN, None, None)),
     (b"\xc3\xa9TAT", (P.UNKNOWN, None, None)),
     (b"ST\tAT", (P.UNKNOWN, None, None)),
@@ -73,7 +78,7 @@ def test_parse_command(proto, line, expected):
 
 def test_command_ids_agree():
     for name in ("USER", "PASS", "APOP", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "QUIT",
-                 "TOP", "UIDL", "CAPA", "UNKNOWN", "BAD_ARGS", "TOO_LONG", "MAX_MSG_NUMBER", "TOP_ALL"):
+                 "TOP", "UIDL", "CAPA", "STLS", "AUTH", "UNKNOWN", "BAD_ARGS", "TOO_LONG", "MAX_MSG_NUMBER", "TOP_ALL"):
         assert getattr(_proto, name) == getattr(proto_reference, name), name
     assert _proto.NAMES == proto_reference.NAMES
 
