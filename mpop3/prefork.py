@@ -60,7 +60,8 @@ def spawn(conf, tables, sockets, serve):
     if pid == 0:  # the worker: a whole server of its own
         code = 1
         try:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            # serve() unblocks SIGTERM, SIGINT and SIGHUP once it handles them
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             code = serve(conf, tables, sockets=sockets)
         except BaseException:
             log.exception("server process failed")

@@ -377,10 +377,16 @@ def new_loop():
     return uvloop.new_event_loop()
 
 
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def run(conf, tables, stdin_mode=False):
     """Serve until told to stop; the process exit code."""
     if stdin_mode:
         return serve(conf, tables, stdin_mode=True)
+    # A client may connect as soon as we listen, and a SIGTERM may follow:
+    # hold our signals until the loop has handlers for them (serve()).
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         sockets = [bind(host, port) for host, port in conf.listen]
     except OSError as e:
@@ -406,6 +412,7 @@ def serve(conf, tables, sockets=None, stdin_mode=False):
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, server.stop)
         loop.add_signal_handler(signal.SIGHUP, server.reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         loop.run_until_complete(server.stopped)
         log.info("stopped")
         return 0

@@ -133,7 +133,8 @@ def test_several_server_processes_share_the_sockets(tmp_path):
             time.sleep(0.2)
         assert count(server.port, "alice") == 2
     finally:
-        assert server.stop() == 0
+        code = server.stop()
     log = server.proc.stderr.read().decode()
+    assert code == 0, log
     assert f"server process {victim} ended unexpectedly" in log, log
     assert "all server processes stopped" in log
