@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import dovecot
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -120,9 +121,15 @@ def site(tmp_path_factory):
     canned = subprocess.Popen([sys.executable, os.path.join(HERE, "canned.py"), str(canned_port),
                                str(spool / "r0")], stdout=subprocess.PIPE)
     assert canned.stdout.readline() == b"ready\n"
-    yield {"mpop3": (server, port), "multi": (multi, multi_port), "core": (core, core_port),
+    extra = {}
+    if dovecot.available():  # the same load against Dovecot, in the same run
+        dovecot_port = free_port()
+        users = [f"user{i}" for i in range(IDLE_SESSIONS)] + [f"r{i}" for i in range(4)]
+        extra["dovecot"] = (dovecot.start(str(root), str(spool), dovecot_port, users), dovecot_port)
+        wait_listening(dovecot_port)
+    yield {**extra,"mpop3": (server, port), "multi": (multi, multi_port), "core": (core, core_port),
            "canned": (canned, canned_port), "results": [], "where": str(root)}
-    for proc in (server, multi, core, canned):
+    for proc in (server, multi, core, canned, *(p for p, _ in [extra.get("dovecot", (None, 0))] if p)):
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     shutil.rmtree(root, ignore_errors=True)
@@ -202,6 +209,19 @@ def test_logins_per_second(site, capsys, clients):
            f"{ours['server_cpu']:.2f} / {multi['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} / "
            f"{multi['loadgen_cpu']:.2f} cores")
     assert ours["sessions"] > 0 and multi["sessions"] > 0 and core["sessions"] > 0
+    compare_with_dovecot(site, capsys, "login", clients, "user7%02d", multi_rate, lambda r: r["sessions"],
+                         "sessions/s")
+
+
+def compare_with_dovecot(site, capsys, mode, clients, userfmt, ours, amount, unit):
+    """The same load against Dovecot, if installed; ours / Dovecot's."""
+    if "dovecot" not in site:
+        if clients == 1 and mode == "login":
+            report(site, capsys, "Dovecot is not installed (Debian: dovecot-pop3d): no comparison")
+        return
+    theirs = measure(site, "dovecot", mode, clients, userfmt)
+    rate = amount(theirs) / theirs["seconds"]
+    report(site, capsys, f"      vs Dovecot: {rate:7.0f} {unit}, mpop3 / Dovecot = {ours / rate:.2f}")
 
 
 @pytest.mark.parametrize("clients", [1, 4])
@@ -213,6 +233,7 @@ def test_retr_throughput(site, capsys, clients):
            f"canned {base:7.0f} MB/s, ratio {rate / base:.2f}; {ours['messages']:.0f} messages checked; "
            f"CPU: server {ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores")
     assert ours["messages"] > 0
+    compare_with_dovecot(site, capsys, "retr", clients, "r%d", rate, lambda r: r["bytes"] / 1e6, "MB/s")
 
 
 def idle_pss(site, target):
