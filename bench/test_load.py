@@ -158,11 +158,17 @@ def cpu_seconds(pid):
 
 
 def pss_kib(pid):
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    raise RuntimeError("no Pss")
+    """PSS of a process and all its descendants (whatever the process model)."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                total += sum(pss_kib(int(child)) for child in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):  # a child that just ended
+        pass
+    return total
 
 
 def loadgen(mode, port, clients, seconds, userfmt):
