@@ -147,13 +147,18 @@ def wait_listening(port):
 
 
 def cpu_seconds(pid):
-    """User + system CPU of a process, its threads and its child processes."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            total += sum(cpu_seconds(int(child)) for child in f.read().split())
+    """User + system CPU of a process, its threads and its live child
+    processes (children that already ended are not counted)."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                total += sum(cpu_seconds(int(child)) for child in f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
     return total
 
 
