@@ -129,9 +129,15 @@ def site(tmp_path_factory):
         wait_listening(dovecot_port)
     yield {**extra,"mpop3": (server, port), "multi": (multi, multi_port), "core": (core, core_port),
            "canned": (canned, canned_port), "results": [], "where": str(root)}
-    for proc in (server, multi, core, canned, *(p for p, _ in [extra.get("dovecot", (None, 0))] if p)):
+    procs = [server, multi, core, canned] + [extra["dovecot"][0]] * ("dovecot" in extra)
+    for proc in procs:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+    for proc in procs:  # every one is stopped, even if one of them hangs
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     shutil.rmtree(root, ignore_errors=True)
 
 
