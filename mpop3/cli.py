@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from . import __version__, config, loader, log, paths
+from . import __version__, config, loader, log, paths, tls
 from .errors import ConfigError
 
 USAGE = "mpop3 [-c CONFIG] [-s] [-l ADDR:PORT]... [-d] [--check-config] [--version] [--help]"
@@ -39,6 +39,7 @@ def main(argv=None):
         # modules log while they initialise; --check-config shows it on stderr
         log.setup(conf, debug=args.debug, force_stderr=args.check_config)
         tables = loader.load_modules(conf)
+        conf.tls_context = tls_context(conf)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
@@ -48,6 +49,15 @@ def main(argv=None):
     from . import server
 
     return server.run(conf, tables, stdin_mode=args.stdin)
+
+
+def tls_context(conf):
+    """The TLS context, built here so that a bad certificate or key is a
+    start-up error, and once for all server processes."""
+    try:
+        return tls.context_from_config(conf)
+    except tls.TLSSetupError as e:
+        raise ConfigError(conf.path, str(e)) from None
 
 
 def read_listen_option(text):

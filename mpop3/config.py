@@ -131,6 +131,13 @@ DIRECTIVES = {
         Directive("login_delay", whole_number, 0),
         Directive("expire", expire_policy, None),
         Directive("implementation", text_value, None),
+        # TLS and the cleartext policy (mpop3/tls.py)
+        Directive("listen_tls", listen_address, [], repeatable=True),
+        Directive("tls_cert", path, None),
+        Directive("tls_key", path, None),
+        Directive("tls_min_version", one_of("1.2", "1.3"), "1.2"),
+        Directive("tls_ciphers", text_value, None),
+        Directive("plaintext_auth", one_of("no", "yes", "loopback"), "loopback"),
     ]
 }
 
@@ -153,6 +160,8 @@ class Config:
     path: str
     values: dict  # directive name -> value (a list for repeatable ones)
     modules: list  # ModuleLine, in file order
+    # the SSLContext built from tls_* (mpop3/tls.py), once, before any fork
+    tls_context: object = None
 
     def __getattr__(self, name):
         try:

@@ -47,6 +47,14 @@ ERR_LOGIN_DELAY = Reply(False, b"logged in too recently, wait before logging in 
 ERR_IN_USE = Reply(False, b"maildrop already locked by another session", "IN-USE")
 ERR_BAD_MAILBOX = Reply(False, b"mailbox unavailable", "SYS/PERM")
 ERR_NO_APOP = Reply(False, b"APOP is not available here")
+# cleartext policy (plaintext_auth) and SASL (RFC 5034)
+ERR_CLEARTEXT = Reply(False, b"cleartext logins are refused here: use STLS or the POP3S port first", "AUTH")
+ERR_NO_MECHANISM = Reply(False, b"unsupported SASL mechanism")
+
+# --- STLS (RFC 2595) -----------------------------------------------------------
+OK_STLS = Reply(True, b"begin TLS negotiation")
+ERR_NO_TLS = Reply(False, b"STLS is not available here")
+ERR_TLS_ACTIVE = Reply(False, b"TLS is already active")
 
 
 def ok_maildrop(count, octets):
@@ -126,6 +134,8 @@ USAGE = {
     "TOP": b"usage: TOP message lines",
     "UIDL": b"usage: UIDL [message]",
     "CAPA": b"usage: CAPA",
+    "STLS": b"usage: STLS",
+    "AUTH": b"usage: AUTH mechanism [initial-response]",
 }
 ERR_USAGE = {name: Reply(False, text) for name, text in USAGE.items()}
 
@@ -145,11 +155,27 @@ def error_reply(exc):
     return ERR_INTERNAL
 
 
-def capabilities(*, uidl=True, expire=None, login_delay=0, implementation=None):
-    """The CAPA reply (RFC 2449 section 6): exactly what works."""
-    lines = [b"TOP", b"USER", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+def sasl_challenge(data):
+    """`+ base64` (RFC 5034 section 4); an empty challenge is `+ `."""
+    import base64
+
+    return b"+ " + base64.b64encode(data) + CRLF
+
+
+def capabilities(*, uidl=True, expire=None, login_delay=0, implementation=None,
+                 user=True, stls=False, sasl=()):
+    """The CAPA reply (RFC 2449 section 6): exactly what works. `user`:
+    USER/PASS is allowed; `stls`: STLS is offered; `sasl`: the mechanisms
+    AUTH accepts on this connection."""
+    lines = [b"TOP", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+    if user:
+        lines.insert(1, b"USER")
     if uidl:
         lines.insert(1, b"UIDL")
+    if stls:
+        lines.append(b"STLS")
+    if sasl:
+        lines.append(b"SASL " + " ".join(sasl).encode())
     if expire is not None:
         lines.append(b"EXPIRE " + str(expire).upper().encode())
     if login_delay:

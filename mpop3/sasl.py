@@ -120,3 +120,12 @@ def cram_md5_matches(credentials, password):
 
 def encode(data):
     return base64.b64encode(data)
+
+
+def new_cram_challenge():
+    """A fresh CRAM-MD5 challenge, `<random.time@host>` (RFC 2195)."""
+    import os
+    import socket
+    import time
+
+    return b"<%s.%d@%s>" % (os.urandom(8).hex().encode(), time.time_ns(), socket.gethostname().encode())

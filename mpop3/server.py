@@ -23,6 +23,8 @@ import stat
 
 from . import config as config_module
 from . import replies
+from . import sasl, tls
+from .auth_functions import AuthFunctions
 from .limits import LoginDelayClock, LoginThrottle
 from .session import Session
 from .workers import Workers
@@ -32,7 +34,8 @@ log = logging.getLogger("mpop3.server")
 # settings a SIGHUP may change; anything else needs a restart
 RELOADABLE = ("max_line_length", "max_bad_commands", "max_login_failures", "login_fail_delay",
               "login_fail_delay_max", "idle_timeout", "max_sessions", "max_sessions_per_ip",
-              "shutdown_grace", "login_delay", "expire", "implementation", "log_level")
+              "shutdown_grace", "login_delay", "expire", "implementation", "log_level",
+              "plaintext_auth")
 
 
 class Settings:
@@ -56,6 +59,9 @@ class Shared:
         self.stopping = False
         self.login_clock = LoginDelayClock()
         self.throttle = None
+        # built before any fork (cli.py); tests hand the Server a bare Config
+        self.tls_context = conf.tls_context or tls.context_from_config(conf)
+        self.plaintext_passwords = plaintext_passwords(tables.auth)
         self.apply(conf)
 
     def apply(self, conf):
@@ -67,8 +73,25 @@ class Shared:
         announced_delay = max(settings.login_delay, int(self.tables.auth.auth_default_login_delay() or 0))
         extras = dict(expire=settings.expire, login_delay=announced_delay,
                       implementation=settings.implementation)
-        self.capa = replies.capabilities(uidl=True, **extras)
-        self.capa_no_uidl = replies.capabilities(uidl=False, **extras)
+        self.capa_extras = extras
+        self.capa_cache = {}
+
+    def capabilities(self, uidl, stls, cleartext):
+        """The CAPA reply for a session in this situation (built once)."""
+        key = (uidl, stls, cleartext)
+        capa = self.capa_cache.get(key)
+        if capa is None:
+            capa = self.capa_cache[key] = replies.capabilities(
+                uidl=uidl, user=cleartext, stls=stls, sasl=self.sasl_mechanisms(cleartext),
+                **self.capa_extras)
+        return capa
+
+    def sasl_mechanisms(self, cleartext):
+        """What AUTH accepts: PLAIN and LOGIN where the policy lets the
+        password cross in clear, CRAM-MD5 if the auth module has plaintext
+        passwords to check its digest against."""
+        return [name for name, sends_password in sasl.MECHANISMS.items()
+                if (cleartext if sends_password else self.plaintext_passwords)]
 
     def sweep_idle(self):
         """One timer for every session: close those idle for too long.
@@ -114,18 +137,28 @@ class Server:
     def new_session(self):
         return Session(self.shared)
 
+    def tls_for(self, sock):
+        """The SSLContext for a socket of a listen_tls address (listening
+        or accepted: implicit TLS), None for a plain one."""
+        if tls.is_tls_address(self.shared.conf.values["listen_tls"], sock.getsockname()):
+            return self.shared.tls_context
+        return None
+
     async def start_listeners(self, sockets=None):
         """Bind every `listen` address, or serve on `sockets` already bound
         (by the parent of several server processes); returns (host, port)s."""
         self.shared.sweep_idle()
         if sockets is None:
             sockets = [bind(host, port) for host, port in self.shared.conf.listen]
+            sockets += [bind(host, port) for host, port in self.shared.conf.listen_tls]
         bound = []
         for sock in sockets:
-            listener = await self.loop.create_server(self.new_session, sock=sock, backlog=1024)
+            listener = await self.loop.create_server(self.new_session, sock=sock, backlog=1024,
+                                                     ssl=self.tls_for(sock))
             self.listeners.append(listener)
             bound.append(sock.getsockname()[:2])
-        log.info("listening on %s", ", ".join(f"{h}:{p}" for h, p in bound))
+        log.info("listening on %s", ", ".join(
+            f"{h}:{p}" + (" (TLS)" if (h, p) in self.shared.conf.listen_tls else "") for h, p in bound))
         return bound
 
     async def serve_stdin(self):
@@ -135,7 +168,7 @@ class Server:
         session.closed_waiter = self.loop.create_future()
         if stat.S_ISSOCK(os.fstat(0).st_mode):  # inetd, systemd Accept=yes, socat
             sock = socket.socket(fileno=os.dup(0))
-            await self.loop.connect_accepted_socket(lambda: session, sock)
+            await self.loop.connect_accepted_socket(lambda: session, sock, ssl=self.tls_for(sock))
         elif stat.S_ISFIFO(os.fstat(0).st_mode) and stat.S_ISFIFO(os.fstat(1).st_mode):
             await connect_pipes(self.loop, session)
         else:  # a terminal or a file: someone trying it by hand
@@ -185,6 +218,9 @@ class Server:
             log.warning("reload: listen addresses changed; that needs a restart")
         if [(m.kind, m.file, m.settings) for m in new.modules] != [(m.kind, m.file, m.settings) for m in old.modules]:
             log.warning("reload: module lines changed; that needs a restart")
+        if new.values["listen_tls"] != old.values["listen_tls"]:
+            log.warning("reload: listen_tls addresses changed; that needs a restart")
+        self.reload_tls(new)
         for name in ("worker_threads", "processes"):
             if new.values[name] != old.values[name]:
                 log.warning("reload: %s changed; that needs a restart", name)
@@ -196,6 +232,33 @@ class Server:
         if new.values["log_level"] != old.values["log_level"]:  # else keep -d's debug
             logging.getLogger("mpop3").setLevel(logging.getLevelName(new.values["log_level"].upper()))
         log.info("reloaded %s", old.path)
+
+
+    def reload_tls(self, new):
+        """Re-read the certificate and key into the running context (the
+        listen_tls listeners hold it): new sessions get them, open ones
+        keep theirs; a bad file keeps the running certificate."""
+        shared = self.shared
+        try:
+            if shared.tls_context is None:  # no TLS so far: STLS from now on
+                shared.tls_context = tls.context_from_config(new)
+            elif new.values["tls_cert"] is None:
+                log.warning("reload: turning TLS off needs a restart")
+                return
+            else:
+                tls.reload_into(shared.tls_context, new)
+        except tls.TLSSetupError as e:
+            log.error("reload: %s; keeping the running TLS certificate", e)
+            return
+        for name in ("tls_cert", "tls_key", "tls_min_version", "tls_ciphers"):
+            shared.conf.values[name] = new.values[name]
+
+
+def plaintext_passwords(auth):
+    """Whether the auth table can give plaintext passwords (CRAM-MD5 needs
+    them): a module supplies auth_password, or a subclass overrides it."""
+    return (auth.supplied_by["auth_password"] != "default"
+            or type(auth).auth_password is not AuthFunctions.auth_password)
 
 
 def file_listen(path):
@@ -388,7 +451,7 @@ def run(conf, tables, stdin_mode=False):
     # hold our signals until the loop has handlers for them (serve()).
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
-        sockets = [bind(host, port) for host, port in conf.listen]
+        sockets = [bind(host, port) for host, port in conf.listen + conf.listen_tls]
     except OSError as e:
         log.error("cannot listen: %s", e.strerror or e)
         return 1

@@ -14,13 +14,15 @@ A session that ends any other way (dropped connection, timeout, shutdown,
 a storage failure) releases the mailbox without committing anything.
 """
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import ssl
 from collections import deque
 
 from . import _proto as proto
-from . import replies
+from . import replies, sasl, tls
 from .errors import LoginDelay, MailboxInUse, StorageError, StorageTempError
 from .limits import valid_mailbox_name
 
@@ -43,6 +45,8 @@ CHUNKS_PER_TURN = 8
 # session's memory); 256 KiB rather than the default 64 KiB keeps fast
 # clients streaming instead of stopping and starting.
 WRITE_BUFFER_HIGH = 256 * 1024
+# The longest a TLS handshake may take (the idle sweep does not see it).
+TLS_HANDSHAKE_TIMEOUT = 60.0
 
 
 class LoginFailed(Exception):
@@ -65,6 +69,8 @@ def login_job(auth, storage, clock, login_delay, user, secret, apop_timestamp):
     """
     if apop_timestamp is None:
         mailbox = auth.auth_attempt_login(user, secret)
+    elif isinstance(apop_timestamp, bytes):  # the challenge of an AUTH CRAM-MD5
+        mailbox = cram_md5_check(auth, user, secret, apop_timestamp)
     else:
         mailbox = apop_check(auth, user, secret, apop_timestamp)
     if mailbox is None:
@@ -99,6 +105,22 @@ def apop_check(auth, user, digest, timestamp):
     return None
 
 
+def cram_md5_check(auth, user, digest, challenge):
+    """RFC 2195: digest = HMAC-MD5(password, challenge) in lower-case hex.
+    An unknown user costs the same hashing as a known one."""
+    password = auth.auth_password(user)
+    known = password is not None
+    answer = sasl.Credentials(user, challenge=challenge, digest=digest.lower())
+    if sasl.cram_md5_matches(answer, password if known else "\0no such user\0") and known:
+        return auth.auth_login(user)
+    return None
+
+
+def cleartext_allowed(policy, peer):
+    """plaintext_auth: may this client send a password in clear?"""
+    return policy == "yes" or (policy == "loopback" and tls.is_local(peer))
+
+
 def commit_job(storage, handle, deleted):
     """UPDATE state, in a worker thread: commit deletions, then release."""
     try:
@@ -116,10 +138,15 @@ class Session:
         "user", "mailbox", "handle", "sizes", "deleted", "uidl", "uids", "bad", "too_long",
         "failures", "last_active", "stream", "write_paused", "pump_scheduled",
         "timestamp", "eof", "reading_paused", "closed_waiter", "counted",
+        "secure", "cleartext_ok", "stls_possible", "sasl",
     )
 
     def __init__(self, shared):
         self.shared = shared
+        self.secure = False  # TLS is up: implicit (a listen_tls address) or after STLS
+        self.cleartext_ok = False  # USER/PASS, AUTH PLAIN/LOGIN allowed (plaintext_auth)
+        self.stls_possible = False  # a socket, which can switch to TLS
+        self.sasl = None  # the AUTH exchange in progress (mpop3/sasl.py)
         self.loop = shared.loop
         self.transport = None
         self.peer = "?"
@@ -163,6 +190,10 @@ class Session:
         self.counted = True
         self.last_active = self.loop.time()
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.cleartext_ok = cleartext_allowed(shared.settings.plaintext_auth, self.peer)
+        self.stls_possible = transport.get_extra_info("socket") is not None
+        if transport.get_extra_info("ssl_object") is not None:  # implicit TLS (RFC 8314)
+            self.tls_started(transport)
         greeting = replies.GREETING
         timestamp = shared.tables.auth.auth_timestamp()
         if timestamp:
@@ -245,6 +276,9 @@ class Session:
         self.out.append(reply.wire)
 
     def handle_line(self, line):
+        if self.sasl is not None:  # a line of an AUTH exchange, not a command
+            self.sasl_line(line)
+            return
         if line is proto.TOO_LONG:
             if self.too_long:  # the second one: this is no confused client
                 log.warning("%s: over-long command lines, closing", self.peer)
@@ -331,11 +365,17 @@ class Session:
     # --- AUTHORIZATION ---------------------------------------------------------
 
     def cmd_user(self, name, _):
+        if not self.cleartext_ok:
+            self.reply(replies.ERR_CLEARTEXT)
+            return
         # +OK whether or not the user exists (no user enumeration)
         self.user = name
         self.reply(replies.OK_USER)
 
     def cmd_pass(self, password, _):
+        if not self.cleartext_ok:
+            self.reply(replies.ERR_CLEARTEXT)
+            return
         if self.user is None:
             self.reply(replies.ERR_PASS_FIRST)
             return
@@ -348,6 +388,40 @@ class Session:
             return
         self.user = None
         self.start_login(name, digest, self.timestamp)
+
+    # --- AUTH (RFC 5034) ------------------------------------------------------------
+
+    def cmd_auth(self, mechanism, initial_response):
+        self.user = None
+        name = mechanism.upper().decode("ascii", "replace")
+        if name not in self.shared.sasl_mechanisms(self.cleartext_ok):
+            sends_password = sasl.MECHANISMS.get(name)
+            self.reply(replies.ERR_CLEARTEXT if sends_password else replies.ERR_NO_MECHANISM)
+            return
+        exchange = sasl.Exchange(name, sasl.new_cram_challenge() if name == "CRAM-MD5" else None)
+        self.sasl_result(exchange, exchange.start(initial_response))
+
+    def sasl_line(self, line):
+        exchange, self.sasl = self.sasl, None
+        if line is proto.TOO_LONG:
+            self.bad_command(replies.ERR_TOO_LONG)
+            return
+        self.sasl_result(exchange, exchange.step(line))
+
+    def sasl_result(self, exchange, result):
+        if isinstance(result, sasl.Challenge):
+            self.sasl = exchange
+            self.out.append(replies.sasl_challenge(result.data))
+        elif isinstance(result, sasl.Credentials):
+            user = result.user.encode("utf-8", "surrogateescape")
+            if result.challenge is None:
+                self.start_login(user, result.password.encode("utf-8", "surrogateescape"), None)
+            else:
+                self.start_login(user, result.digest.encode(), result.challenge)
+        elif result is sasl.CANCELLED:
+            self.reply(replies.Reply(False, result.text.encode()))
+        else:  # malformed: counts like a bad command, so a flood of them ends
+            self.bad_command(replies.Reply(False, result.text.encode()))
 
     def start_login(self, user, secret, apop_timestamp):
         shared = self.shared
@@ -510,10 +584,64 @@ class Session:
         self.out.append(replies.ok_rset(*self.live_totals()))
 
     def cmd_capa(self, _, __):
-        capa = self.shared.capa
-        if self.state is TRANSACTION and not self.uidl:
-            capa = self.shared.capa_no_uidl
-        self.out.append(capa)
+        uidl = self.uidl or self.state is not TRANSACTION
+        stls = self.state is AUTHORIZATION and self.can_stls()
+        self.out.append(self.shared.capabilities(uidl, stls, self.cleartext_ok))
+
+    # --- TLS: STLS (RFC 2595) and implicit TLS (RFC 8314) ---------------------------
+
+    def can_stls(self):
+        return not self.secure and self.stls_possible and self.shared.tls_context is not None
+
+    def cmd_stls(self, _, __):
+        if self.secure:
+            self.reply(replies.ERR_TLS_ACTIVE)
+        elif not self.can_stls():
+            self.reply(replies.ERR_NO_TLS)
+        else:
+            self.reply(replies.OK_STLS)
+            self.begin_tls()
+
+    def begin_tls(self):
+        """Switch the connection to TLS. Whatever the client sent before the
+        handshake is dropped unread (CVE-2011-0411): the lines waiting, the
+        part-line in the reader, and (reading stops now) nothing more is
+        read in clear; start_tls reads the rest as TLS records."""
+        self.flush()  # the +OK to STLS goes out in clear, before the handshake
+        if self.pending:
+            self.pending.clear()
+        self.reader = proto.LineReader(self.shared.settings.max_line_length)
+        self.user = None
+        self.busy = True
+        self.reading_paused = False  # run() must not resume reading: start_tls will
+        self.transport.pause_reading()
+        self.loop.create_task(self.handshake())
+
+    async def handshake(self):
+        clear = self.transport
+        timeout = min(TLS_HANDSHAKE_TIMEOUT, max(1.0, self.shared.settings.idle_timeout))
+        try:
+            transport = await self.loop.start_tls(clear, self, self.shared.tls_context, server_side=True,
+                                                  ssl_handshake_timeout=timeout)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("%s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
+            clear.abort()
+            self.connection_lost(exc)
+            return
+        if self.state is CLOSED:  # shut down or timed out meanwhile
+            transport.abort()
+            return
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.tls_started(transport)
+        self.last_active = self.loop.time()
+        self.busy = False
+        self.run()
+
+    def tls_started(self, transport):
+        self.secure = True
+        self.cleartext_ok = True  # the password no longer crosses in clear
+        log.info("%s: TLS %s", self.peer, tls.describe(transport.get_extra_info("ssl_object")))
 
     def cmd_quit_authorization(self, _, __):
         self.close(replies.OK_BYE)
@@ -619,6 +747,8 @@ HANDLERS = {
         proto.APOP: Session.cmd_apop,
         proto.QUIT: Session.cmd_quit_authorization,
         proto.CAPA: Session.cmd_capa,
+        proto.STLS: Session.cmd_stls,
+        proto.AUTH: Session.cmd_auth,
         proto.NOOP: None,
     },
     TRANSACTION: {

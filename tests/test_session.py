@@ -63,7 +63,8 @@ def test_greeting_has_a_unique_apop_timestamp(server):
 
 
 def test_capa_lists_exactly_what_works_before_and_after_login(server):
-    expected = [b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+    expected = [b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING",
+                b"SASL PLAIN LOGIN CRAM-MD5"]
     w = wire(server)
     assert w.cmd("CAPA") == b"+OK capability list follows"
     assert w.multi() == expected
@@ -88,7 +89,8 @@ AUTH_STATE = {
     "RETR 1": replies.ERR_NOT_NOW, "DELE 1": replies.ERR_NOT_NOW, "NOOP": replies.ERR_NOT_NOW,
     "RSET": replies.ERR_NOT_NOW, "TOP 1 0": replies.ERR_NOT_NOW, "UIDL": replies.ERR_NOT_NOW,
     "UIDL 1": replies.ERR_NOT_NOW, "PASS secret": replies.ERR_PASS_FIRST,
-    "FOO": replies.ERR_UNKNOWN, "STLS": replies.ERR_UNKNOWN, "AUTH PLAIN": replies.ERR_UNKNOWN,
+    "FOO": replies.ERR_UNKNOWN, "STLS": replies.ERR_NO_TLS, "AUTH X-NONE": replies.ERR_NO_MECHANISM,
+    "AUTH": replies.ERR_USAGE["AUTH"],
     "RETR abc": replies.ERR_USAGE["RETR"], "USER": replies.ERR_USAGE["USER"],
     "USER nobody": replies.OK_USER, "USER bob": replies.OK_USER,
 }
@@ -105,6 +107,7 @@ def test_authorization_state(server, command):
 TRANSACTION_STATE = {
     "USER bob": replies.ERR_NOT_NOW.wire, "PASS secret": replies.ERR_NOT_NOW.wire,
     "APOP bob 0123456789abcdef0123456789abcdef": replies.ERR_NOT_NOW.wire,
+    "STLS": replies.ERR_NOT_NOW.wire, "AUTH PLAIN": replies.ERR_NOT_NOW.wire,
     "STAT": b"+OK 3 %d\r\n" % sum(crlf_size(m) for m in MESSAGES),
     "LIST 0": replies.ERR_NO_SUCH_MESSAGE.wire, "LIST 4": replies.ERR_NO_SUCH_MESSAGE.wire,
     "LIST 2": b"+OK 2 %d\r\n" % crlf_size(MESSAGES[1]),

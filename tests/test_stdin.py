@@ -34,8 +34,9 @@ def test_a_whole_session_through_a_pipe(conf):
     out = through_pipe(conf, b"CAPA\r\nUSER bob\r\nPASS pw\r\nSTAT\r\nRETR 1\r\nDELE 2\r\nQUIT\r\n")
     lines = out.split(b"\r\n")
     assert lines[0].startswith(b"+OK mpop3 ready <")
-    assert lines[1:10] == [b"+OK capability list follows", b"TOP", b"UIDL", b"USER", b"RESP-CODES",
-                           b"AUTH-RESP-CODE", b"PIPELINING", b".", b"+OK send PASS"]
+    assert lines[1:11] == [b"+OK capability list follows", b"TOP", b"UIDL", b"USER", b"RESP-CODES",
+                           b"AUTH-RESP-CODE", b"PIPELINING", b"SASL PLAIN LOGIN CRAM-MD5", b".",
+                           b"+OK send PASS"]
     assert out.endswith(b"+OK 2 63\r\n+OK 37 octets\r\nSubject: one\r\n\r\n..dot line\r\nbody one\r\n.\r\n"
                         b"+OK message deleted\r\n+OK mpop3 signing off (1 deleted, 1 left)\r\n")
     again = through_pipe(conf, b"USER bob\nPASS pw\nSTAT\nQUIT\n")  # bare LF works too
