@@ -257,7 +257,7 @@ class Server:
 def plaintext_passwords(auth):
     """Whether the auth table can give plaintext passwords (CRAM-MD5 needs
     them): a module supplies auth_password, or a subclass overrides it."""
-    return (auth.supplied_by["auth_password"] != "default"
+    return (auth.supplied_by.get("auth_password", "default") != "default"
             or type(auth).auth_password is not AuthFunctions.auth_password)
 
 
