@@ -19,6 +19,7 @@ PYLIBDIR = $(LIBDIR)/python
 MODDIR = $(LIBDIR)/modules
 SYSCONFDIR = $(PREFIX)/etc
 DATADIR = $(PREFIX)/share/mpop3
+UNITDIR = $(PREFIX)/lib/systemd/system
 
 PYTEST_ARGS ?=
 
@@ -58,6 +59,11 @@ install: build
 	sed -e 's|@PYTHON@|$(shell $(VPY) -c 'import sys; print(sys._base_executable)')|' \
 	    -e 's|@PYLIBDIR@|$(PYLIBDIR)|' contrib/mpop3.in > $(DESTDIR)$(BINDIR)/mpop3
 	chmod 755 $(DESTDIR)$(BINDIR)/mpop3
+	install -d $(DESTDIR)$(UNITDIR)
+	for unit in mpop3.service mpop3@.service xinetd.mpop3; do \
+	    sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' contrib/$$unit.in \
+	    > $(DESTDIR)$$(case $$unit in xinetd*) echo $(DATADIR);; *) echo $(UNITDIR);; esac)/$$unit; done
+	install -m 644 contrib/mpop3.socket $(DESTDIR)$(UNITDIR)/
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/mpop3.conf ]; then \
 	    echo "keeping the existing $(DESTDIR)$(SYSCONFDIR)/mpop3.conf"; \
 	else install -m 644 mpop3.conf $(DESTDIR)$(SYSCONFDIR)/mpop3.conf; fi
@@ -68,9 +74,10 @@ test: build
 bench: build bench/loadgen
 	$(VPY) -m pytest -q bench
 
-# the load generator is C so that the client is never the bottleneck
+# the load generator is C so that the client is never the bottleneck;
+# OpenSSL (Debian: libssl-dev) for its POP3S runs
 bench/loadgen: bench/loadgen.c
-	$(CC) -O2 -Wall -o $@ bench/loadgen.c
+	$(CC) -O2 -Wall -o $@ bench/loadgen.c -lssl -lcrypto
 
 run: build
 	$(VPY) tools/demo.py

@@ -18,6 +18,7 @@ import threading
 from mpop3 import _mbox, mbox_commit
 from mpop3.errors import MailboxInUse, ModuleInitError, StoragePermError, StorageTempError
 from mpop3.mbox_lock import SessionMarker, parse_methods, spool_locks
+from mpop3.storage_functions import WU_ANY, WU_MAILBOX
 
 MPOP3_MODULE_CLASS = "storage"
 MPOP3_SETTINGS = {
@@ -26,6 +27,7 @@ MPOP3_SETTINGS = {
     "mbox_lock_timeout": "seconds to wait for an MDA's lock before -ERR [SYS/TEMP] (default 20)",
     "mbox_dotlock_stale": "age in seconds after which a dot-lock is broken, procmail's LOCKTIMEOUT (default 1024)",
     "mbox_state_dir": "where session markers and commit journals live (default: storage_dir)",
+    "mailbox_user": "who opens a spool: 'mailbox' (its user, default) or 'any' (the server's user)",
 }
 
 log = logging.getLogger("mpop3.storage")
@@ -36,6 +38,7 @@ DEFAULTS = {
     "mbox_lock_timeout": 20.0,
     "mbox_dotlock_stale": 1024.0,
     "mbox_state_dir": None,
+    "mailbox_user": "mailbox",
 }
 settings = dict(DEFAULTS)
 
@@ -55,6 +58,10 @@ def module_init(conf):
             settings[name] = value
         elif name == "mbox_locks":
             settings[name] = parse_methods(value)
+        elif name == "mailbox_user":
+            if value not in ("mailbox", "any"):
+                raise ModuleInitError(f"mailbox_user: {value!r} is neither 'mailbox' nor 'any'")
+            settings[name] = value
         else:
             try:
                 settings[name] = float(value)
@@ -142,6 +149,14 @@ class Mailbox:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise StoragePermError("the spool is not a regular file")
+        if st.st_uid != os.geteuid() != 0:
+            # the mailbox's user opens it (privilege rule 1, wuMailbox): a
+            # spool owned by anyone else is not this mailbox's. (Root is
+            # only ever here in tools and tests: a root server switches.)
+            os.close(fd)
+            log.error("%s: spool owned by uid %d, not by uid %d serving it; refused",
+                      self.name, st.st_uid, os.geteuid())
+            raise StoragePermError("the spool belongs to another user")
         with _registry_lock:
             key = (st.st_dev, st.st_ino)
             if key in _open_spools:
@@ -205,6 +220,12 @@ def _os_failure(name, doing, e):
 
 
 # ---- the storage table -------------------------------------------------------
+
+def storage_need_user():
+    # a spool is its user's file: open it as that user (the C module's
+    # wuMailbox), unless every spool belongs to the server's own user
+    return WU_MAILBOX if settings["mailbox_user"] == "mailbox" else WU_ANY
+
 
 def storage_lock_mailbox(mailbox):
     check_mailbox_name(mailbox)

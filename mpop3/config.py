@@ -85,6 +85,26 @@ def text_value(text):
     return text
 
 
+def unprivileged_user(text):
+    """A system user that exists and is not root (safe_user, mail_owner)."""
+    from .privs import check_safe_user
+
+    problem = check_safe_user(text)
+    if problem:
+        raise ValueError(problem.replace("safe_user ", "user "))
+    return text
+
+
+def group_name(text):
+    import grp
+
+    try:
+        grp.getgrnam(text)
+    except KeyError:
+        raise ValueError(f"group {text!r} does not exist") from None
+    return text
+
+
 def one_of(*choices):
     def read(text):
         if text not in choices:
@@ -138,6 +158,10 @@ DIRECTIVES = {
         Directive("tls_min_version", one_of("1.2", "1.3"), "1.2"),
         Directive("tls_ciphers", text_value, None),
         Directive("plaintext_auth", one_of("no", "yes", "loopback"), "loopback"),
+        # privileges (mpop3/privs.py): who mpop3 becomes when started as root
+        Directive("safe_user", unprivileged_user, "nobody"),
+        Directive("mail_group", group_name, "mail"),
+        Directive("mail_owner", unprivileged_user, None),
     ]
 }
 

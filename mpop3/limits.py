@@ -40,8 +40,11 @@ class LoginThrottle:
 
     def failed(self, address, user, password):
         """Record a failed login; returns the seconds to wait before answering."""
+        return self.failed_mark(address, self.fingerprint(user, password))
+
+    def failed_mark(self, address, mark):
+        """failed(), given the fingerprint of the (user, password) pair."""
         now = self.clock()
-        mark = self.fingerprint(user, password)
         entry = self.addresses.pop(address, None)
         if entry is None or now - entry[1] > FAILURE_MEMORY:
             entry = [0, now, []]

@@ -10,6 +10,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
 from . import ABI_VERSION
@@ -59,6 +60,10 @@ def import_module_file(path, where):
     """Load a compiled extension from any path; its stem names PyInit_<stem>."""
     if not os.path.exists(path):
         raise ConfigError(where, f"module {path}: no such file")
+    if os.geteuid() == 0:
+        problem = unsafe_for_root(os.path.realpath(path))
+        if problem:
+            raise ConfigError(where, f"module {path}: refusing to load it as root: {problem}")
     stem = os.path.basename(path).split(".")[0]
     if not stem.isidentifier():
         raise ConfigError(where, f"module {path}: file name must be a valid identifier followed by .so")
@@ -74,6 +79,28 @@ def import_module_file(path, where):
     except Exception as e:  # the module's own import-time code failed
         raise ConfigError(where, f"module {path}: failed to load: {type(e).__name__}: {e}") from None
     return module
+
+
+def unsafe_for_root(path):
+    """Why root must not load `path`, or None. Whoever can write the file,
+    or any directory above it, could run code as root: they must all
+    belong to root and be writable by nobody else (a sticky directory such
+    as /tmp is fine: nobody else can replace root's files in it)."""
+    st = os.stat(path)
+    if st.st_uid != 0:
+        return f"it is owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022:
+        return "it is writable by group or others"
+    directory = os.path.dirname(path)
+    while True:
+        st = os.stat(directory)
+        if st.st_uid != 0:
+            return f"directory {directory} is owned by uid {st.st_uid}, not root"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return f"directory {directory} is writable by group or others"
+        if directory == "/":
+            return None
+        directory = os.path.dirname(directory)
 
 
 def check_declarations(module, line, path):

@@ -67,6 +67,25 @@ def identity(user_name, mail_group=None):
     return Identity(pw.pw_name, pw.pw_uid, pw.pw_gid, groups)
 
 
+def session_identity(plan, values, mailbox):
+    """Who serves `mailbox` after login (rules 1 and 2).
+
+    WU_MAILBOX: the system user named like the mailbox; a mailbox without a
+    system account (a virtual user of auth_file, say) is served as
+    `mail_owner`, which defaults to safe_user. Everything else: safe_user.
+    """
+    groups_from = values["mail_group"]
+    if plan.to_mailbox_user:
+        try:
+            pw = pwd.getpwnam(mailbox)
+        except KeyError:
+            return identity(values["mail_owner"] or values["safe_user"], groups_from)
+        if pw.pw_uid == 0 or pw.pw_gid == 0:
+            raise PrivilegeError(f"mailbox {mailbox!r} belongs to a root account; refusing to serve it")
+        return identity(pw.pw_name, groups_from)
+    return identity(values["safe_user"], groups_from)
+
+
 def check_safe_user(user_name):
     """A string saying what is wrong with safe_user, or None if it is usable."""
     try:

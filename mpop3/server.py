@@ -22,7 +22,10 @@ import socket
 import stat
 
 from . import config as config_module
-from . import replies
+# everything is imported before the switch away from root: safe_user may
+# not be able to read the Python tree later
+from . import prefork, privs, replies, session_processes
+from .errors import StoragePermError
 from . import sasl, tls
 from .auth_functions import AuthFunctions
 from .limits import LoginDelayClock, LoginThrottle
@@ -62,6 +65,7 @@ class Shared:
         # built before any fork (cli.py); tests hand the Server a bare Config
         self.tls_context = conf.tls_context or tls.context_from_config(conf)
         self.plaintext_passwords = plaintext_passwords(tables.auth)
+        self.before_open = None  # called with the mailbox name before opening it (privs)
         self.apply(conf)
 
     def apply(self, conf):
@@ -161,20 +165,34 @@ class Server:
             f"{h}:{p}" + (" (TLS)" if (h, p) in self.shared.conf.listen_tls else "") for h, p in bound))
         return bound
 
-    async def serve_stdin(self):
-        """One session on file descriptors 0 and 1 (inetd, systemd Accept=yes)."""
+    async def serve_one(self, connect):
+        """One session, wired up by `await connect(session)`, to its end."""
         self.shared.sweep_idle()
         session = self.new_session()
         session.closed_waiter = self.loop.create_future()
-        if stat.S_ISSOCK(os.fstat(0).st_mode):  # inetd, systemd Accept=yes, socat
-            sock = socket.socket(fileno=os.dup(0))
-            await self.loop.connect_accepted_socket(lambda: session, sock, ssl=self.tls_for(sock))
-        elif stat.S_ISFIFO(os.fstat(0).st_mode) and stat.S_ISFIFO(os.fstat(1).st_mode):
-            await connect_pipes(self.loop, session)
-        else:  # a terminal or a file: someone trying it by hand
-            PlainFiles(self.loop, session).start()
+        await connect(session)
         await session.closed_waiter
         await self.finish_commits()
+
+    async def serve_stdin(self):
+        """One session on file descriptors 0 and 1 (inetd, systemd Accept=yes)."""
+        async def connect(session):
+            if stat.S_ISSOCK(os.fstat(0).st_mode):  # inetd, systemd Accept=yes, socat
+                sock = socket.socket(fileno=os.dup(0))
+                await self.loop.connect_accepted_socket(lambda: session, sock, ssl=self.tls_for(sock))
+            elif stat.S_ISFIFO(os.fstat(0).st_mode) and stat.S_ISFIFO(os.fstat(1).st_mode):
+                await connect_pipes(self.loop, session)
+            else:  # a terminal or a file: someone trying it by hand
+                PlainFiles(self.loop, session).start()
+
+        await self.serve_one(connect)
+
+    async def serve_accepted(self, sock):
+        """One session on a socket the listener accepted (a session process)."""
+        async def connect(session):
+            await self.loop.connect_accepted_socket(lambda: session, sock, ssl=self.tls_for(sock))
+
+        await self.serve_one(connect)
 
     async def finish_commits(self):
         """Let any commit in a worker thread finish before the loop ends."""
@@ -444,9 +462,17 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def run(conf, tables, stdin_mode=False):
-    """Serve until told to stop; the process exit code."""
+    """Serve until told to stop; the process exit code.
+
+    Started as root, this is where the privilege rules (mpop3/privs.py)
+    decide when root is given up: at once (stdin mode), right after
+    bind(), or after each login in a process of the session's own.
+    """
+    plan = privilege_plan(tables, stdin_mode)
     if stdin_mode:
-        return serve(conf, tables, stdin_mode=True)
+        if plan is not None and plan.when == privs.AT_ONCE and not switch_or_log(safe_identity(conf)):
+            return 1
+        return serve(conf, tables, stdin_mode=True, before_open=after_login_switch(plan, conf))
     # A client may connect as soon as we listen, and a SIGTERM may follow:
     # hold our signals until the loop has handlers for them (serve()).
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -455,26 +481,87 @@ def run(conf, tables, stdin_mode=False):
     except OSError as e:
         log.error("cannot listen: %s", e.strerror or e)
         return 1
+    if plan is not None and plan.process_per_session:
+        return session_processes.serve(conf, tables, sockets, serve_session_process(plan))
+    if plan is not None and not switch_or_log(safe_identity(conf)):
+        return 1
     if conf.values["processes"] > 1:
-        from . import prefork
-
         return prefork.supervise(conf, tables, sockets, serve)
     return serve(conf, tables, sockets=sockets)
 
 
-def serve(conf, tables, sockets=None, stdin_mode=False):
+def privilege_plan(tables, stdin_mode):
+    """The privilege rules' plan, or None when not started as root."""
+    if not privs.running_as_root():
+        log.info("not started as root: running as uid %d, no user switching", os.geteuid())
+        return None
+    plan = privs.plan(tables.storage.storage_need_user(), tables.auth.auth_need_root(), stdin_mode)
+    log.info("started as root: switching users %s%s", plan.when,
+             " to each mailbox's user" if plan.to_mailbox_user else " to safe_user")
+    return plan
+
+
+def safe_identity(conf):
+    return privs.identity(conf.values["safe_user"], conf.values["mail_group"])
+
+
+def switch_or_log(who):
+    try:
+        privs.switch_to(who)
+    except privs.PrivilegeError as e:
+        log.error("%s", e)
+        return False
+    return True
+
+
+def after_login_switch(plan, conf):
+    """The session's before_open hook for rules 1 and 2: become the
+    mailbox's user (or safe_user) before the mailbox is opened."""
+    if plan is None or plan.when != privs.AFTER_AUTH:
+        return None
+
+    def before_open(mailbox):
+        try:
+            who = privs.session_identity(plan, conf.values, mailbox)
+        except (privs.PrivilegeError, KeyError) as e:  # nothing has changed yet
+            log.error("mailbox %s: cannot tell whom to serve it as: %s", mailbox, e)
+            raise StoragePermError() from None
+        if not switch_or_log(who):
+            # half switched is worse than not serving: end the process now
+            logging.shutdown()
+            os._exit(1)
+
+    return before_open
+
+
+def serve_session_process(plan):
+    def serve_connection(conf, tables, sock, reports):
+        return serve(conf, tables, accepted=sock, throttle=reports,
+                     before_open=after_login_switch(plan, conf))
+
+    return serve_connection
+
+
+def serve(conf, tables, sockets=None, stdin_mode=False, accepted=None, throttle=None, before_open=None):
     """One server process: its loop, its sessions, its signal handlers."""
     loop = new_loop()
     asyncio.set_event_loop(loop)
     server = Server(conf, tables, loop)
+    server.shared.before_open = before_open
+    if throttle is not None:
+        server.shared.throttle = throttle
     try:
         if stdin_mode:
             loop.run_until_complete(server.serve_stdin())
             return 0
-        loop.run_until_complete(server.start_listeners(sockets))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, server.stop)
         loop.add_signal_handler(signal.SIGHUP, server.reload)
+        if accepted is not None:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            loop.run_until_complete(server.serve_accepted(accepted))
+            return 0
+        loop.run_until_complete(server.start_listeners(sockets))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         loop.run_until_complete(server.stopped)
         log.info("stopped")

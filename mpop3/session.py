@@ -61,11 +61,13 @@ def decode(raw):
     return raw.decode("utf-8", "surrogateescape")
 
 
-def login_job(auth, storage, clock, login_delay, user, secret, apop_timestamp):
+def login_job(auth, storage, clock, login_delay, user, secret, apop_timestamp, before_open=None):
     """Authenticate and open the mailbox, in a worker thread.
 
     `secret` is the password (USER/PASS) or, with `apop_timestamp`, the APOP
-    digest. Returns (mailbox, handle, sizes, uidl_supported).
+    digest. `before_open(mailbox)`, if given, runs between the two: it is
+    where a session process gives up root (mpop3/privs.py).
+    Returns (mailbox, handle, sizes, uidl_supported).
     """
     if apop_timestamp is None:
         mailbox = auth.auth_attempt_login(user, secret)
@@ -79,6 +81,8 @@ def login_job(auth, storage, clock, login_delay, user, secret, apop_timestamp):
         raise BadMailboxName(mailbox)
     if auth.auth_login_delay_needed(user) > 0 or clock.wait_needed(mailbox, login_delay) > 0:
         raise LoginDelay()
+    if before_open is not None:
+        before_open(mailbox)
     handle = storage.storage_lock_mailbox(mailbox)
     try:
         sizes = list(storage.storage_message_sizes(handle))
@@ -429,7 +433,7 @@ class Session:
         shared.workers.submit(
             lambda result, exc: self.login_done(result, exc, user, secret),
             login_job, shared.tables.auth, shared.tables.storage, shared.login_clock,
-            shared.settings.login_delay, decode(user), decode(secret), apop_timestamp)
+            shared.settings.login_delay, decode(user), decode(secret), apop_timestamp, shared.before_open)
 
     def login_done(self, result, exc, user, secret):
         if exc is None:

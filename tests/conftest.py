@@ -17,6 +17,22 @@ def run_mpop3(*args, cwd=None, executable=None):
     return subprocess.run(command + list(args), capture_output=True, text=True, cwd=cwd or TREE, timeout=60)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def python_reachable_by_safe_user():
+    """A server started as root gives up root (the privilege rules), and
+    then still runs Python: its files must be readable by safe_user, as a
+    system Python's are. Here Python may live under /root (pyenv), which is
+    0700: let others through it, without letting them list it."""
+    if os.geteuid() != 0:
+        return
+    path = os.path.realpath(sys.base_prefix)
+    while path != "/":
+        mode = os.stat(path).st_mode
+        if not mode & 0o001:
+            os.chmod(path, mode | 0o001)
+        path = os.path.dirname(path)
+
+
 @pytest.fixture(scope="session")
 def installed(tmp_path_factory):
     """`make install PREFIX=<tmp>`: the prefix, as a user would have it."""

@@ -277,6 +277,7 @@ def write_site(root, users, boxes, extra=None):
     for mailbox, data in boxes.items():
         with open(os.path.join(spool, mailbox), "wb") as f:
             f.write(data)
+    served_as_safe_user(spool)
     lines = [f"module_dir {TREE}/modules"]
     for name, value in {**FAST, **(extra or {})}.items():
         lines.append(f"{name} {value}")
@@ -286,6 +287,26 @@ def write_site(root, users, boxes, extra=None):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+SAFE_USER = "nobody"  # the default safe_user, which serves virtual users' mailboxes
+
+
+def served_as_safe_user(spool):
+    """Started as root (as in CI), mpop3 opens a virtual user's spool as
+    safe_user after login (privilege rule 1): give it the spool directory
+    and its spools, and a way down to them through pytest's 0700 dirs."""
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    nobody = pwd.getpwnam(SAFE_USER)
+    for name in [""] + os.listdir(spool):
+        os.chown(os.path.join(spool, name), nobody.pw_uid, nobody.pw_gid)
+    path = os.path.dirname(os.path.abspath(spool))
+    while path not in ("/", "/tmp"):
+        os.chmod(path, os.stat(path).st_mode | 0o011)
+        path = os.path.dirname(path)
 
 
 class Spawned:

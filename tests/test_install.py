@@ -12,7 +12,9 @@ def test_installed_layout_and_version(installed):
 
     for path in ("bin/mpop3", "etc/mpop3.conf", "lib/mpop3/modules/auth_file.so",
                  "lib/mpop3/modules/storage_mbox.so", "share/mpop3/module.mk",
-                 "share/mpop3/include/mpop3_module.pxi"):
+                 "share/mpop3/include/mpop3_module.pxi", "lib/systemd/system/mpop3.service",
+                 "lib/systemd/system/mpop3.socket", "lib/systemd/system/mpop3@.service",
+                 "share/mpop3/xinetd.mpop3"):
         assert os.path.exists(installed / path), path
     result = run_mpop3("--version", executable=f"{installed}/bin/mpop3")
     assert result.stdout.strip() == f"mpop3 {__version__}"
@@ -46,3 +48,6 @@ def test_destdir_stages_without_baking_it_in(tmp_path):
     layout = (stage / "opt/mpop3/lib/mpop3/python/mpop3/_layout.py").read_text()
     assert 'CONFIG_FILE = "/opt/mpop3/etc/mpop3.conf"' in layout
     assert str(stage) not in (stage / "opt/mpop3/share/mpop3/module.mk").read_text()
+    unit = (stage / "opt/mpop3/lib/systemd/system/mpop3@.service").read_text()
+    assert "ExecStart=/opt/mpop3/bin/mpop3 -s -c /opt/mpop3/etc/mpop3.conf" in unit
+    assert "server_args = -s -c /opt/mpop3/etc/mpop3.conf" in (stage / "opt/mpop3/share/mpop3/xinetd.mpop3").read_text()

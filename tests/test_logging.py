@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import TREE
+from pop_server import served_as_safe_user
 from test_config import assert_one_line_error, write_conf
 from conftest import run_mpop3
 
@@ -18,6 +19,7 @@ def base_config(tmp_path):
     (tmp_path / "passwd").write_text("alice:secret\n")
     (tmp_path / "spool").mkdir()
     (tmp_path / "spool" / "alice").write_bytes(b"From a@b Thu Jan  1 00:00:00 2026\nSubject: hi\n\nbody\n")
+    served_as_safe_user(tmp_path / "spool")
     return (f"auth_module auth_file\n> passwd_file {tmp_path}/passwd\n"
             f"storage_module storage_mbox\n> storage_dir {tmp_path}/spool\n")
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from mbox_helpers import TREE, message, spool_of, storage
-from pop_server import Spawned, write_site
+from pop_server import Spawned, served_as_safe_user, write_site
 
 from mpop3 import mbox_reference as ref
 
@@ -179,6 +179,7 @@ def test_disk_full_during_a_commit_answers_err_and_keeps_the_spool(small_tmpfs, 
     data = spool_of(1200, body_lines=100)  # ~3 MB of 4: no room for a journal of it
     with open(os.path.join(spool_dir, "bob"), "wb") as f:
         f.write(data)
+    served_as_safe_user(spool_dir)
     with open(conf) as f:
         text = f.read().replace(f"> storage_dir {tmp_path}/spool", f"> storage_dir {spool_dir}")
     with open(conf, "w") as f:

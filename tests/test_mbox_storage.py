@@ -374,7 +374,11 @@ def test_permission_denied_is_an_error_and_the_spool_is_unchanged():
     os.chmod(spool_dir, 0o777)
     path = spool_dir / "bob"
     path.write_bytes(spool_of(4))
-    os.chmod(path, 0o644)
+    os.chown(path, 65534, 65534)  # nobody's own spool, but read-only
+    os.chmod(path, 0o444)
+    someone_elses = spool_dir / "carol"
+    someone_elses.write_bytes(spool_of(1))
+    os.chmod(someone_elses, 0o666)  # readable and writable, but root's
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {TREE!r}); sys.path.insert(0, {TREE!r} + "/tests")
@@ -389,9 +393,13 @@ def test_permission_denied_is_an_error_and_the_spool_is_unchanged():
         except StoragePermError:
             print("refused")
         mod.storage_unlock_mailbox(box)
+        try:
+            mod.storage_lock_mailbox("carol")
+        except StoragePermError:
+            print("not-mine")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert result.stdout.split() == ["4", "refused"], result.stderr
+    assert result.stdout.split() == ["4", "refused", "not-mine"], result.stderr
     assert path.read_bytes() == spool_of(4)
     shutil.rmtree(spool_dir)
 
@@ -400,7 +408,7 @@ def test_the_module_declares_its_settings():
     from mpop3.loader import import_module_file
     module = import_module_file(MODULE_PATH, "tests")
     assert set(module.MPOP3_SETTINGS) == {"storage_dir", "mbox_locks", "mbox_lock_timeout",
-                                          "mbox_dotlock_stale", "mbox_state_dir"}
+                                          "mbox_dotlock_stale", "mbox_state_dir", "mailbox_user"}
     with pytest.raises(ValueError):
         module.module_init({"mbox_locks": "flock"})
 

@@ -126,3 +126,27 @@ def test_module_dir_is_where_bare_names_are_found(tmp_path, test_modules):
     path = write_conf(tmp_path, f"module_dir {tmp_path}\nauth_module auth_file\n")
     assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:2",
                           rf"module {tmp_path}/auth_file\.so: no such file")
+
+
+def test_root_loads_modules_only_from_root_owned_unwritable_places(tmp_path, test_modules):
+    """Run as root (as CI is): a module anyone else could have written is refused."""
+    import shutil
+
+    assert os.geteuid() == 0, "this test checks what root refuses"
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    module = loose / "second_auth.so"
+    shutil.copy(test_modules["second_auth"], module)
+    conf = write_conf(tmp_path, f"auth_module {module}\n")
+    assert run_mpop3("--check-config", "-c", conf).returncode == 0
+    module.chmod(0o666)
+    assert_one_line_error(run_mpop3("--check-config", "-c", conf), f"{conf}:1",
+                          r"refusing to load it as root: it is writable by group or others")
+    module.chmod(0o755)
+    loose.chmod(0o777)
+    assert_one_line_error(run_mpop3("--check-config", "-c", conf), f"{conf}:1",
+                          rf"directory {loose} is writable by group or others")
+    loose.chmod(0o755)
+    os.chown(loose, 65534, 65534)
+    assert_one_line_error(run_mpop3("--check-config", "-c", conf), f"{conf}:1",
+                          rf"directory {loose} is owned by uid 65534, not root")

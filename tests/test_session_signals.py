@@ -107,6 +107,10 @@ def greeting_pid(w):
 
 def test_several_server_processes_share_the_sockets(tmp_path):
     conf = site(tmp_path, {"processes": "3", "shutdown_grace": "1"})
+    # spools opened by the server's user: root switches to safe_user after
+    # bind (rule 3) and serves many sessions per process
+    with open(conf, "a") as f:
+        f.write("> mailbox_user any\n")
     server = Spawned(conf)
     try:
         held = [Wire(server.port) for _ in range(30)]

@@ -1,0 +1,261 @@
+"""A process per session, for the privilege rules that switch users after
+login (DESIGN section 5, rules 1 and 2): a uid belongs to a process.
+
+The listener keeps root only for this: it accepts, counts, and forks. It
+runs no event loop and no module code, so the child starts clean: it closes
+the listening sockets, serves its one connection on a new uvloop loop, and
+gives up root for good once the user has authenticated. A session process
+that crashes takes nothing else with it.
+
+What must outlive one session lives here, in the listener: the session
+counts (max_sessions, max_sessions_per_ip) and the failed-login delays per
+client address. A child asks the listener for the delay of each failed
+login over a socket pair of its own (one line each way), so failures in
+other sessions from the same address count at once.
+"""
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+from collections import Counter
+
+from . import replies
+from .limits import LoginThrottle
+
+log = logging.getLogger("mpop3.server")
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+
+class Listener:
+    def __init__(self, conf, tables, sockets, serve_connection):
+        self.conf = conf
+        self.tables = tables
+        self.sockets = sockets
+        self.serve_connection = serve_connection  # (conf, tables, sock, peer, reports) in the child
+        self.children = {}  # pid -> client address
+        self.per_address = Counter()
+        self.throttle = LoginThrottle(conf.values["login_fail_delay"], conf.values["login_fail_delay_max"])
+        self.stopping = False
+        self.selector = selectors.DefaultSelector()
+
+    def run(self):
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w)
+        for signum in HANDLED:
+            signal.signal(signum, lambda *_: None)  # the wake-up fd carries them
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        for sock in self.sockets:
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, self.accept)
+        self.selector.register(wake_r, selectors.EVENT_READ, self.signalled)
+        log.info("serving each session in a process of its own")
+        while not (self.stopping and not self.children):
+            for key, _ in self.selector.select():
+                key.data(key.fileobj)
+        log.info("stopped")
+        return 0
+
+    # --- connections -------------------------------------------------------
+
+    def accept(self, listening):
+        try:
+            conn, peer = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # EMFILE and friends: wait for a child to end
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("cannot accept: %s", e.strerror)
+                return
+            raise
+        address = peer[0]
+        refusal = self.refusal(address)
+        if refusal is not None:
+            refuse(conn, refusal)
+            return
+        ours, theirs = socket.socketpair()
+        # the child starts with our signals held until its loop handles them
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            self.become_session(conn, address, theirs)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        conn.close()
+        theirs.close()
+        ours.setblocking(False)
+        self.selector.register(ours, selectors.EVENT_READ, self.answer_child)
+        self.children[pid] = address
+        self.per_address[address] += 1
+
+    def refusal(self, address):
+        values = self.conf.values
+        if len(self.children) >= values["max_sessions"]:
+            log.warning("%s: refused, %d sessions already", address, len(self.children))
+            return replies.ERR_TOO_MANY_SESSIONS
+        if self.per_address[address] >= values["max_sessions_per_ip"]:
+            log.warning("%s: refused, %d sessions from there already", address, self.per_address[address])
+            return replies.ERR_TOO_MANY_FROM_YOU
+        return None
+
+    def become_session(self, conn, address, channel):
+        """In the child: drop everything of the listener's, serve, exit."""
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in HANDLED:
+                signal.signal(signum, signal.SIG_DFL)
+            for sock in self.sockets:
+                sock.close()
+            for key in list(self.selector.get_map().values()):
+                if isinstance(key.fileobj, socket.socket):
+                    key.fileobj.close()  # other sessions' channels
+            conn.setblocking(False)
+            reports = SharedThrottle(channel, self.throttle)
+            self.selector.close()
+            code = self.serve_connection(self.conf, self.tables, conn, reports)
+        except BaseException:
+            log.exception("session process failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    # --- signals and reports -----------------------------------------------
+
+    def signalled(self, wake_r):
+        try:
+            signums = os.read(wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in signums:
+            if signum == signal.SIGCHLD:
+                self.reap()
+            elif signum == signal.SIGHUP:
+                self.reload()
+                self.forward(signal.SIGHUP)
+            else:
+                self.stop()
+
+    def reload(self):
+        """SIGHUP: sessions started from now on get the reloadable settings
+        (the running ones reload their own, like a single server)."""
+        from .config import load
+        from .server import RELOADABLE
+
+        try:
+            new = load(self.conf.path)
+        except Exception as e:  # ConfigError, or anything a broken file causes
+            log.error("reload failed, keeping the running configuration: %s", e)
+            return
+        for name in RELOADABLE:
+            self.conf.values[name] = new.values[name]
+        self.throttle.base = new.values["login_fail_delay"]
+        self.throttle.maximum = new.values["login_fail_delay_max"]
+        log.info("reloaded %s", self.conf.path)
+
+    def stop(self):
+        """Stop accepting; each session gets its grace period in its process."""
+        if not self.stopping:
+            self.stopping = True
+            log.info("stopping: %d session%s open", len(self.children), "" if len(self.children) == 1 else "s")
+            for sock in self.sockets:
+                self.selector.unregister(sock)
+                sock.close()
+        self.forward(signal.SIGTERM)
+
+    def forward(self, signum):
+        for pid in self.children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            address = self.children.pop(pid, None)
+            if address is None:
+                continue
+            self.per_address[address] -= 1
+            if self.per_address[address] <= 0:
+                del self.per_address[address]
+            if os.WIFSIGNALED(status):
+                log.error("session process %d (%s) killed by signal %d", pid, address, os.WTERMSIG(status))
+
+    def answer_child(self, channel):
+        """A session process reports a login: `failed ADDRESS MARK` is
+        answered with the delay, `succeeded ADDRESS` with nothing. End of
+        file: the session process is gone."""
+        try:
+            data = channel.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.selector.unregister(channel)
+            channel.close()
+            return
+        for line in data.splitlines():
+            kind, _, rest = line.partition(b" ")
+            address, _, mark = rest.partition(b" ")
+            address = address.decode("ascii", "replace")
+            if kind == b"failed":
+                delay = self.throttle.failed_mark(address, bytes.fromhex(mark.decode("ascii", "replace")))
+                try:
+                    channel.send(b"%r\n" % delay)
+                except OSError:
+                    pass
+            elif kind == b"succeeded":
+                self.throttle.succeeded(address)
+
+
+class SharedThrottle(LoginThrottle):
+    """A session process's throttle: the listener's, asked over a socket
+    pair. Without an answer (the listener is gone), the inherited copy
+    decides."""
+
+    def __init__(self, channel, inherited):
+        self.__dict__.update(inherited.__dict__)
+        self.channel = channel
+        channel.settimeout(5)
+
+    def failed_mark(self, address, mark):
+        local = super().failed_mark(address, mark)
+        try:
+            self.channel.sendall(b"failed %s %s\n" % (address.encode(), mark.hex().encode()))
+            return float(self.channel.recv(64).decode())  # one short line: the delay
+        except (OSError, ValueError):
+            return local
+
+    def succeeded(self, address):
+        super().succeeded(address)
+        try:
+            self.channel.sendall(b"succeeded %s\n" % address.encode())
+        except OSError:
+            pass
+
+
+def refuse(conn, reply):
+    try:
+        conn.setblocking(False)
+        conn.send(reply.wire)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def serve(conf, tables, sockets, serve_connection):
+    return Listener(conf, tables, sockets, serve_connection).run()
+

@@ -1,0 +1,210 @@
+"""The privilege rules end to end: the real mpop3 started as root (as CI
+runs it), the identity of the process serving each session read from
+/proc/PID/status, with system accounts made for the test."""
+
+import grp
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pop_server import SAFE_USER, Spawned, Wire, mbox, served_as_safe_user, write_site
+from system_users import system_user
+
+MAIL_GID = grp.getgrnam("mail").gr_gid
+NOBODY = pwd.getpwnam(SAFE_USER)
+SPOOL = mbox(b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n")
+
+
+@pytest.fixture(autouse=True)
+def as_root():
+    assert os.geteuid() == 0, "these tests check what mpop3 does when started as root"
+
+
+def identity(pid):
+    """(uids, gids, groups) of a process, as the kernel has them."""
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return (fields["Uid"].split(), fields["Gid"].split(), fields["Groups"].split())
+
+
+def children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def session_pid(server):
+    """The one session process the listener has forked (once the one for
+    Spawned's check that the server listens has gone)."""
+    deadline = time.monotonic() + 5
+    while len(pids := children(server.proc.pid)) != 1:
+        assert time.monotonic() < deadline, pids
+        time.sleep(0.02)
+    return pids[0]
+
+
+def expect(pid, user, groups=(MAIL_GID,)):
+    uid, gid = str(user.pw_uid), str(user.pw_gid)
+    assert identity(pid) == ([uid] * 4, [gid] * 4, [str(g) for g in groups])
+
+
+def own(path, user):
+    os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def test_rule1_system_mailbox_is_served_as_its_user(tmp_path):
+    with system_user("mpop3t-carol") as carol:
+        conf = write_site(tmp_path, {"mpop3t-carol": "pw"}, {"mpop3t-carol": SPOOL})
+        spool = tmp_path / "spool" / "mpop3t-carol"
+        own(spool, carol)
+        # as Debian's /var/mail: root:mail 2775, dot-locks made through mail_group
+        os.chown(tmp_path / "spool", 0, MAIL_GID)
+        os.chmod(tmp_path / "spool", 0o2775)
+        with Spawned(conf) as server:
+            w = Wire(server.port)
+            pid = session_pid(server)
+            assert identity(pid)[0] == ["0"] * 4  # root until the user has authenticated
+            w.login("mpop3t-carol", "pw")
+            expect(pid, carol)
+            assert identity(server.proc.pid)[0] == ["0"] * 4  # the listener keeps root
+            assert w.cmd("DELE 1").startswith(b"+OK")
+            assert w.cmd("QUIT").startswith(b"+OK")
+        assert spool.read_bytes() == mbox(b"Subject: two\n\nsecond\n")
+        assert (spool.stat().st_uid, spool.stat().st_gid) == (carol.pw_uid, carol.pw_gid)
+
+
+def test_rule1_virtual_user_is_served_as_safe_user_or_mail_owner(tmp_path):
+    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})  # vera has no system account
+    spool = tmp_path / "spool" / "vera"
+    inode = spool.stat().st_ino
+    with Spawned(conf) as server:
+        w = Wire(server.port)
+        pid = session_pid(server)
+        w.login("vera", "pw")
+        expect(pid, NOBODY)
+        assert w.cmd("DELE 2").startswith(b"+OK")
+        assert w.cmd("QUIT").startswith(b"+OK")
+    assert spool.read_bytes() == mbox(b"Subject: one\n\nfirst\n")
+    assert (spool.stat().st_ino, spool.stat().st_uid) == (inode, NOBODY.pw_uid)
+    # with a mail owner of their own
+    with system_user("mpop3t-vmail") as vmail:
+        conf = write_site(tmp_path / "owned", {"vera": "pw"}, {"vera": SPOOL},
+                          extra={"mail_owner": "mpop3t-vmail"})
+        for path in (tmp_path / "owned" / "spool", tmp_path / "owned" / "spool" / "vera"):
+            own(path, vmail)
+        with Spawned(conf) as server:
+            w = Wire(server.port)
+            pid = session_pid(server)
+            w.login("vera", "pw")
+            expect(pid, vmail)
+            assert w.cmd("STAT").startswith(b"+OK 2 ")
+
+
+def test_rule1_a_spool_of_another_owner_is_refused(tmp_path):
+    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})
+    os.chown(tmp_path / "spool" / "vera", 0, 0)  # root's, not safe_user's
+    with Spawned(conf) as server:
+        w = Wire(server.port)
+        w.cmd("USER vera")
+        assert w.cmd("PASS pw").startswith(b"-ERR [SYS/PERM]")
+
+
+def test_rule2_auth_needing_root_switches_to_safe_user_after_login(tmp_path):
+    with system_user("mpop3t-gus", "s3cret!") as gus:
+        conf = write_site(tmp_path, {}, {"mpop3t-gus": SPOOL})
+        text = open(conf).read().replace("auth_module auth_file", "auth_module auth_getpw")
+        text = "\n".join(line for line in text.splitlines() if "passwd_file" not in line)
+        open(conf, "w").write(text + "\n> mailbox_user any\n")
+        with Spawned(conf) as server:
+            w = Wire(server.port)
+            assert b"<" not in w.greeting  # auth_getpw has no plaintext: no APOP
+            pid = session_pid(server)
+            assert identity(pid)[0] == ["0"] * 4  # reading /etc/shadow needs root
+            w.login("mpop3t-gus", "s3cret!")
+            expect(pid, NOBODY)
+            assert w.cmd("STAT").startswith(b"+OK 2 ")
+        assert gus.pw_uid != NOBODY.pw_uid
+
+
+def test_rule3_after_bind_the_whole_server_is_safe_user(tmp_path):
+    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})
+    with open(conf, "a") as f:
+        f.write("> mailbox_user any\n")
+    with Spawned(conf) as server:
+        expect(server.proc.pid, NOBODY)  # before any client: right after bind()
+        w = Wire(server.port)
+        w.login("vera", "pw")
+        assert w.cmd("STAT").startswith(b"+OK 2 ")
+        assert children(server.proc.pid) == []  # sessions in the one process
+
+
+def test_rule4_stdin_mode_switches_at_once(tmp_path):
+    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})
+    with open(conf, "a") as f:
+        f.write("> mailbox_user any\n")
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "mpop3", "-s", "-c", conf], stdin=theirs, stdout=theirs,
+                            stderr=subprocess.PIPE)
+    theirs.close()
+    w = Wire.__new__(Wire)
+    w.sock, w.buf = ours, b""
+    w.greeting = w.line()
+    expect(proc.pid, NOBODY)  # greeted already as safe_user
+    w.login("vera", "pw")
+    assert w.cmd("QUIT").startswith(b"+OK")
+    assert proc.wait(10) == 0
+
+
+def test_killing_a_session_process_spares_the_rest(tmp_path):
+    conf = write_site(tmp_path, {"vera": "pw", "walt": "pw"}, {"vera": SPOOL, "walt": SPOOL})
+    with Spawned(conf) as server:
+        first = Wire(server.port)
+        victim = session_pid(server)
+        first.login("vera", "pw")
+        second = Wire(server.port)
+        second.login("walt", "pw")
+        os.kill(victim, signal.SIGKILL)
+        assert first.closed()
+        assert second.cmd("STAT").startswith(b"+OK 2 ")
+        third = Wire(server.port)
+        assert third.login("vera", "pw").startswith(b"+OK")  # the dead session's mailbox is free again
+        assert server.proc.poll() is None
+
+
+def test_session_limits_and_login_delays_hold_across_session_processes(tmp_path):
+    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL},
+                      extra={"max_sessions": "2", "login_fail_delay": "0.3", "login_fail_delay_max": "2"})
+    with Spawned(conf) as server:
+        # let the sessions of Spawned's probe and of this one end: accepted
+        # in order, so once this one greets, the probe's has been forked
+        Wire(server.port).close()
+        deadline = time.monotonic() + 5
+        while children(server.proc.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        a, b = Wire(server.port), Wire(server.port)
+        assert a.greeting.startswith(b"+OK") and b.greeting.startswith(b"+OK")
+        c = Wire(server.port)
+        assert c.greeting.startswith(b"-ERR [SYS/TEMP]")
+        assert c.closed()
+        # failed logins in one session process slow down the next one
+        delays = []
+        for w, guess in ((a, "guess1"), (b, "guess2")):
+            w.cmd("USER vera")
+            start = time.monotonic()
+            assert w.cmd(f"PASS {guess}").startswith(b"-ERR [AUTH]")
+            delays.append(time.monotonic() - start)
+        assert 0.25 < delays[0] < 0.55 and 0.55 < delays[1] < 1.0, delays
