@@ -10,6 +10,9 @@
  *   loadgen idle PORT CLIENTS 0 USERFMT PASSWORD
  *       log CLIENTS sessions in (each its own user), print "ready", then
  *       hold them open until stdin closes
+ *   ... PASSWORD tls
+ *       the same over implicit TLS (POP3S, OpenSSL): a full handshake per
+ *       session, no session resumption, the certificate not checked
  *
  * One thread, epoll, one command at a time per client (no pipelining: the
  * way ordinary clients talk). Prints one line of key=value results:
@@ -32,6 +35,8 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 enum mode { LOGIN, RETR, IDLE };
 enum step { GREETING, USER_SENT, PASS_SENT, STAT_SENT, LIST_SENT, RETR_OK, RETR_BODY, QUIT_SENT, HOLDING };
@@ -49,12 +54,15 @@ struct client {
     long body_bytes;      /* octets of the current message so far, un-stuffed */
     int line_pos;         /* octets of the current body line so far */
     char first[3];        /* its first octets */
+    SSL *ssl;             /* with tls: the connection, NULL before it starts */
+    int handshaking;      /* with tls: the handshake is not over yet */
 };
 
 static enum mode mode;
 static int port, nclients;
 static const char *userfmt, *password;
 static int epfd;
+static SSL_CTX *tls; /* NULL: cleartext */
 static long sessions, bytes_total, messages, errors, logged_in;
 
 static double now(void)
@@ -85,7 +93,7 @@ static void send_line(struct client *c, const char *fmt, ...)
     line[n++] = '\r';
     line[n++] = '\n';
     /* a command is tiny: the socket buffer always takes it whole */
-    if (write(c->fd, line, n) != n)
+    if (c->ssl ? SSL_write(c->ssl, line, n) != n : write(c->fd, line, n) != n)
         die("write");
 }
 
@@ -95,6 +103,10 @@ static void finish(struct client *c, int ok)
     if (!ok)
         errors++;
     setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    if (c->ssl) {
+        SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
     close(c->fd);
     c->fd = -1;
     c->len = 0;
@@ -115,6 +127,13 @@ static void start(struct client *c)
     c->step = GREETING;
     c->len = 0;
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+    if (tls) {
+        c->ssl = SSL_new(tls);
+        SSL_set_fd(c->ssl, c->fd);
+        SSL_set_connect_state(c->ssl);
+        c->handshaking = 1;
+        ev.events |= EPOLLOUT; /* the connect completing: time to send the ClientHello */
+    }
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
         die("epoll_ctl");
 }
@@ -269,14 +288,56 @@ static void advance(struct client *c)
     }
 }
 
+/* with tls: drive the handshake; 1 when it is over and data can flow */
+static int handshake(struct client *c)
+{
+    int r = SSL_do_handshake(c->ssl);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+    if (r == 1) {
+        c->handshaking = 0;
+    } else {
+        int err = SSL_get_error(c->ssl, r);
+        if (err == SSL_ERROR_WANT_WRITE)
+            ev.events |= EPOLLOUT;
+        else if (err != SSL_ERROR_WANT_READ) {
+            fprintf(stderr, "client %d: TLS handshake failed: ", c->id);
+            ERR_print_errors_fp(stderr);
+            fputc('\n', stderr);
+            finish(c, 0);
+            return 0;
+        }
+    }
+    if (epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0)
+        die("epoll_ctl");
+    return !c->handshaking;
+}
+
+/* read(2) or SSL_read, with read's conventions (-1 and EAGAIN: no data yet) */
+static ssize_t receive(struct client *c, char *buf, size_t size)
+{
+    if (!c->ssl)
+        return read(c->fd, buf, size);
+    int n = SSL_read(c->ssl, buf, size);
+    if (n > 0)
+        return n;
+    int err = SSL_get_error(c->ssl, n);
+    if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
+        errno = EAGAIN;
+        return -1;
+    }
+    return 0; /* closed, or broken: the same to us */
+}
+
 static void readable(struct client *c)
 {
+    if (c->ssl && c->handshaking && !handshake(c))
+        return;
     for (;;) {
         if (c->len == RBUF) { /* a reply line this long is broken */
             finish(c, 0);
             return;
         }
-        ssize_t n = read(c->fd, c->buf + c->len, RBUF - c->len);
+        ssize_t n = receive(c, c->buf + c->len, RBUF - c->len);
         if (n > 0) {
             c->len += n;
             advance(c);
@@ -301,9 +362,14 @@ static void readable(struct client *c)
 
 int main(int argc, char **argv)
 {
-    if (argc != 7) {
-        fprintf(stderr, "usage: loadgen login|retr|idle PORT CLIENTS SECONDS USERFMT PASSWORD\n");
+    if (argc != 7 && !(argc == 8 && strcmp(argv[7], "tls") == 0)) {
+        fprintf(stderr, "usage: loadgen login|retr|idle PORT CLIENTS SECONDS USERFMT PASSWORD [tls]\n");
         return 2;
+    }
+    if (argc == 8) {
+        tls = SSL_CTX_new(TLS_client_method());
+        SSL_CTX_set_verify(tls, SSL_VERIFY_NONE, NULL);
+        SSL_CTX_set_session_cache_mode(tls, SSL_SESS_CACHE_OFF);
     }
     mode = strcmp(argv[1], "login") == 0 ? LOGIN : strcmp(argv[1], "retr") == 0 ? RETR : IDLE;
     port = atoi(argv[2]);

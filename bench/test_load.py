@@ -5,7 +5,10 @@ measured in the same run, driven by bench/loadgen (C, one thread).
   clients, a distinct user (and mailbox) per client;
 - RETR: 1 and 4 clients (separate users), each fetching a 30 MB mailbox of
   mixed message sizes again and again, every message checked against LIST;
-- memory: PSS of the server process per idle logged-in session, at 1,000.
+- memory: PSS of the server process per idle logged-in session, at 1,000;
+- TLS: logins at 32 clients and RETR at 1 and 4 clients over implicit TLS
+  (a full handshake per session, ECDSA P-256 certificate), as ratios to
+  the same figures in cleartext, measured on the same server in the same run.
 
 Results are printed as a table with ratios to the canned responder (and
 appended to bench/results.txt). The load generator's own CPU share is
@@ -109,14 +112,19 @@ def site(tmp_path_factory):
     big = retr_mailbox()
     for i in range(4):  # separate copies: a hard link is the same mailbox
         (spool / f"r{i}").write_bytes(big)
+    tls_port = free_port()
+    cert = make_certificate(root)
     server, port = start_mpop3(root, f"auth_module auth_file\n> passwd_file {root}/passwd\n"
-                                     f"storage_module storage_mbox\n> storage_dir {spool}\n")
+                                     f"storage_module storage_mbox\n> storage_dir {spool}\n"
+                                     f"tls_cert {cert}\nlisten_tls 127.0.0.1:{tls_port}\n")
     multi, multi_port = start_mpop3(root, f"processes {PROCESSES}\n"
                                     f"auth_module auth_file\n> passwd_file {root}/passwd\n"
                                     f"storage_module storage_mbox\n> storage_dir {spool}\n")
     # the same server without a storage module (every mailbox empty): what
     # the core costs, apart from the mbox engine
-    core, core_port = start_mpop3(root, f"auth_module auth_file\n> passwd_file {root}/passwd\n")
+    core_tls_port = free_port()
+    core, core_port = start_mpop3(root, f"auth_module auth_file\n> passwd_file {root}/passwd\n"
+                                        f"tls_cert {cert}\nlisten_tls 127.0.0.1:{core_tls_port}\n")
     canned_port = free_port()
     canned = subprocess.Popen([sys.executable, os.path.join(HERE, "canned.py"), str(canned_port),
                                str(spool / "r0")], stdout=subprocess.PIPE)
@@ -127,7 +135,8 @@ def site(tmp_path_factory):
         users = [f"user{i}" for i in range(IDLE_SESSIONS)] + [f"r{i}" for i in range(4)]
         extra["dovecot"] = (dovecot.start(str(root), str(spool), dovecot_port, users), dovecot_port)
         wait_listening(dovecot_port)
-    yield {**extra,"mpop3": (server, port), "multi": (multi, multi_port), "core": (core, core_port),
+    yield {**extra,"mpop3": (server, port), "mpop3-tls": (server, tls_port), "multi": (multi, multi_port),
+           "core": (core, core_port), "core-tls": (core, core_tls_port),
            "canned": (canned, canned_port), "results": [], "where": str(root)}
     procs = [server, multi, core, canned] + [extra["dovecot"][0]] * ("dovecot" in extra)
     for proc in procs:
@@ -139,6 +148,17 @@ def site(tmp_path_factory):
             proc.kill()
             proc.wait()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def make_certificate(root):
+    """A self-signed ECDSA P-256 certificate and its key in one PEM file."""
+    path = root / "tls.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(path), "-out", str(root / "cert.pem"), "-days", "2",
+                    "-subj", "/CN=localhost"], check=True, capture_output=True)
+    with open(path, "ab") as f:
+        f.write((root / "cert.pem").read_bytes())
+    return path
 
 
 def wait_listening(port):
@@ -182,8 +202,9 @@ def pss_kib(pid):
     return total
 
 
-def loadgen(mode, port, clients, seconds, userfmt):
-    result = subprocess.run([LOADGEN, mode, str(port), str(clients), str(seconds), userfmt, "pw"],
+def loadgen(mode, port, clients, seconds, userfmt, tls=False):
+    result = subprocess.run([LOADGEN, mode, str(port), str(clients), str(seconds), userfmt, "pw",
+                             *(["tls"] if tls else [])],
                             capture_output=True, text=True, timeout=seconds + 60)
     assert result.returncode == 0, result.stderr
     return dict((k, float(v)) for k, v in (item.split("=") for item in result.stdout.split()))
@@ -192,7 +213,7 @@ def loadgen(mode, port, clients, seconds, userfmt):
 def measure(site, target, mode, clients, userfmt):
     proc, port = site[target]
     before = cpu_seconds(proc.pid)
-    r = loadgen(mode, port, clients, SECONDS, userfmt)
+    r = loadgen(mode, port, clients, SECONDS, userfmt, tls=target.endswith("-tls"))
     r["server_cpu"] = (cpu_seconds(proc.pid) - before) / r["seconds"]
     r["loadgen_cpu"] = r["cpu"] / r["seconds"]
     assert r["errors"] == 0, (target, mode, r)
@@ -251,6 +272,36 @@ def test_retr_throughput(site, capsys, clients):
            f"CPU: server {ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores")
     assert ours["messages"] > 0
     compare_with_dovecot(site, capsys, "retr", clients, "r%d", rate, lambda r: r["bytes"] / 1e6, "MB/s")
+
+
+def test_tls_cost(site, capsys):
+    """TLS against cleartext on the same server, in the same run."""
+    clear = measure(site, "mpop3", "login", 32, "user6%02d")
+    time.sleep(0.3)  # the hung-up sessions of one run end before the next
+    tls = measure(site, "mpop3-tls", "login", 32, "user8%02d")
+    rate, tls_rate = clear["sessions"] / clear["seconds"], tls["sessions"] / tls["seconds"]
+    report(site, capsys, f"TLS login 32 clients: cleartext {rate:6.0f} sessions/s, TLS {tls_rate:6.0f}/s, "
+           f"ratio {tls_rate / rate:.2f}; CPU: server {clear['server_cpu']:.2f} / {tls['server_cpu']:.2f} "
+           f"cores, loadgen {clear['loadgen_cpu']:.2f} / {tls['loadgen_cpu']:.2f} cores")
+    assert tls["sessions"] > 0
+    # the login cost without the mbox engine (and, as root, without a process per session)
+    clear = measure(site, "core", "login", 32, "user6%02d")
+    tls = measure(site, "core-tls", "login", 32, "user8%02d")
+    rate, tls_rate = clear["sessions"] / clear["seconds"], tls["sessions"] / tls["seconds"]
+    report(site, capsys, f"TLS login 32 clients, no storage module: cleartext {rate:6.0f} sessions/s, "
+           f"TLS {tls_rate:6.0f}/s, ratio {tls_rate / rate:.2f}; CPU: server {clear['server_cpu']:.2f} / "
+           f"{tls['server_cpu']:.2f} cores, loadgen {clear['loadgen_cpu']:.2f} / {tls['loadgen_cpu']:.2f} cores")
+    for clients in (1, 4):
+        time.sleep(0.3)
+        clear = measure(site, "mpop3", "retr", clients, "r%d")
+        time.sleep(0.3)
+        tls = measure(site, "mpop3-tls", "retr", clients, "r%d")
+        rate, tls_rate = clear["bytes"] / clear["seconds"] / 1e6, tls["bytes"] / tls["seconds"] / 1e6
+        report(site, capsys, f"TLS RETR {clients} client{'s' if clients > 1 else ' '}: cleartext {rate:5.0f} MB/s, "
+               f"TLS {tls_rate:5.0f} MB/s, ratio {tls_rate / rate:.2f}; {tls['messages']:.0f} messages checked; "
+               f"CPU: server {clear['server_cpu']:.2f} / {tls['server_cpu']:.2f} cores, loadgen "
+               f"{clear['loadgen_cpu']:.2f} / {tls['loadgen_cpu']:.2f} cores")
+        assert tls["messages"] > 0
 
 
 def idle_pss(site, target):
