@@ -253,23 +253,24 @@ class Server:
 
 
     def reload_tls(self, new):
-        """Re-read the certificate and key into the running context (the
-        listen_tls listeners hold it): new sessions get them, open ones
-        keep theirs; a bad file keeps the running certificate."""
-        shared = self.shared
-        try:
-            if shared.tls_context is None:  # no TLS so far: STLS from now on
-                shared.tls_context = tls.context_from_config(new)
-            elif new.values["tls_cert"] is None:
-                log.warning("reload: turning TLS off needs a restart")
-                return
-            else:
-                tls.reload_into(shared.tls_context, new)
-        except tls.TLSSetupError as e:
-            log.error("reload: %s; keeping the running TLS certificate", e)
-            return
-        for name in ("tls_cert", "tls_key", "tls_min_version", "tls_ciphers"):
-            shared.conf.values[name] = new.values[name]
+        self.shared.tls_context = reload_tls(self.shared.tls_context, new)
+
+
+def reload_tls(context, new):
+    """SIGHUP: re-read tls_* into the running context (the listen_tls
+    listeners hold it, a forked process inherits it): new sessions get the
+    new certificate, open ones keep theirs, a bad file keeps the running
+    one. Returns the context to use from now on."""
+    try:
+        if context is None:  # no TLS so far: STLS from now on
+            return tls.context_from_config(new)
+        if new.values["tls_cert"] is None:
+            log.warning("reload: turning TLS off needs a restart")
+        else:
+            tls.reload_into(context, new)
+    except tls.TLSSetupError as e:
+        log.error("reload: %s; keeping the running TLS certificate", e)
+    return context
 
 
 def plaintext_passwords(auth):

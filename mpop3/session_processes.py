@@ -145,7 +145,7 @@ class Listener:
         """SIGHUP: sessions started from now on get the reloadable settings
         (the running ones reload their own, like a single server)."""
         from .config import load
-        from .server import RELOADABLE
+        from .server import RELOADABLE, reload_tls
 
         try:
             new = load(self.conf.path)
@@ -154,6 +154,8 @@ class Listener:
             return
         for name in RELOADABLE:
             self.conf.values[name] = new.values[name]
+        # a session process inherits the context: reload it here, before the fork
+        self.conf.tls_context = reload_tls(self.conf.tls_context, new)
         self.throttle.base = new.values["login_fail_delay"]
         self.throttle.maximum = new.values["login_fail_delay_max"]
         log.info("reloaded %s", self.conf.path)

@@ -13,6 +13,7 @@ import json
 import os
 import poplib
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -548,4 +549,37 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(tmp_path, cert
         server.call(server.server.reload)
         again = poplib.POP3_SSL("127.0.0.1", tls_port, context=trust_both)
         assert again.sock.getpeercert()["subject"] == ((("commonName", "second"),),)
+        assert old.quit().startswith(b"+OK")
+
+
+def test_sighup_reloads_the_certificate_of_the_mpop3_command(tmp_path, certificate):
+    """The same through the real command, whatever its process model (as
+    root: a process per session, forked by a listener that holds the context)."""
+    cert_b = make_certificate(tmp_path, "second")
+    live = tmp_path / "live.pem"
+    live.write_bytes(open(certificate[1], "rb").read() + open(certificate[0], "rb").read())
+    tls_port = free_port()
+    conf = write_site(tmp_path, {"bob": "pw"}, {"bob": spool_bytes()},
+                      {"tls_cert": str(live), "listen_tls": f"127.0.0.1:{tls_port}"})
+    trust_both = client_context(certificate[0])
+    trust_both.load_verify_locations(cert_b[0])
+
+    def subject():
+        p = poplib.POP3_SSL("127.0.0.1", tls_port, context=trust_both, timeout=10)
+        name = p.sock.getpeercert()["subject"][0][0][1]
+        p.quit()
+        return name
+
+    with Spawned(conf) as server:
+        old = poplib.POP3_SSL("127.0.0.1", tls_port, context=trust_both, timeout=10)
+        old.user("bob")
+        old.pass_("pw")
+        assert subject() == "mpop3-test"
+        live.write_bytes(open(cert_b[1], "rb").read() + open(cert_b[0], "rb").read())
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while subject() != "second" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert subject() == "second"
+        assert b"\r\n".join(old.retr(1)[1]) + b"\r\n" == as_crlf(MESSAGES[0])  # not dropped
         assert old.quit().startswith(b"+OK")
