@@ -142,14 +142,13 @@ class Session:
         "user", "mailbox", "handle", "sizes", "deleted", "uidl", "uids", "bad", "too_long",
         "failures", "last_active", "stream", "write_paused", "pump_scheduled",
         "timestamp", "eof", "reading_paused", "closed_waiter", "counted",
-        "secure", "cleartext_ok", "stls_possible", "sasl",
+        "secure", "cleartext_ok", "sasl",
     )
 
     def __init__(self, shared):
         self.shared = shared
         self.secure = False  # TLS is up: implicit (a listen_tls address) or after STLS
         self.cleartext_ok = False  # USER/PASS, AUTH PLAIN/LOGIN allowed (plaintext_auth)
-        self.stls_possible = False  # a socket, which can switch to TLS
         self.sasl = None  # the AUTH exchange in progress (mpop3/sasl.py)
         self.loop = shared.loop
         self.transport = None
@@ -195,7 +194,6 @@ class Session:
         self.last_active = self.loop.time()
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.cleartext_ok = cleartext_allowed(shared.settings.plaintext_auth, self.peer)
-        self.stls_possible = transport.get_extra_info("socket") is not None
         if transport.get_extra_info("ssl_object") is not None:  # implicit TLS (RFC 8314)
             self.tls_started(transport)
         greeting = replies.GREETING
@@ -595,7 +593,9 @@ class Session:
     # --- TLS: STLS (RFC 2595) and implicit TLS (RFC 8314) ---------------------------
 
     def can_stls(self):
-        return not self.secure and self.stls_possible and self.shared.tls_context is not None
+        # a socket can switch to TLS; stdin mode's pipes cannot
+        return (not self.secure and self.shared.tls_context is not None
+                and self.transport.get_extra_info("socket") is not None)
 
     def cmd_stls(self, _, __):
         if self.secure:

@@ -8,6 +8,7 @@ listener (at once, before the greeting) or asked with STLS: one code path,
 usable by a session served in a child process too.
 """
 
+import functools
 import ipaddress
 import ssl
 
@@ -77,6 +78,7 @@ def is_loopback(address):
     return ip.is_loopback
 
 
+@functools.lru_cache(maxsize=4096)  # once per client address, not per connection
 def is_local(address):
     """Whether the client is on this machine: a loopback address, or no IP
     address at all (a pipe or a UNIX socket, as with `mpop3 -s`)."""
