@@ -506,6 +506,20 @@ def test_missing_certificate_is_a_one_line_start_up_error(tmp_path, certificate)
     assert errors == [f"{tmp_path}/mpop3.conf: tls_cert {tmp_path}/nope.pem: No such file or directory"]
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"tls_cert": "{dir}"}, "tls_cert {dir}: Is a directory"),  # root reads anything else
+    ({"listen_tls": "127.0.0.1:9995"}, "listen_tls needs tls_cert (and tls_key)"),
+    ({"tls_key": "{key}"}, "tls_key is set but tls_cert is not"),
+    ({"tls_cert": "{cert}", "tls_key": "{key}", "tls_ciphers": "NO-SUCH-CIPHER"},
+     "tls_ciphers 'NO-SUCH-CIPHER': no cipher matches"),
+])
+def test_tls_configuration_mistakes_are_one_line_start_up_errors(tmp_path, certificate, settings, message):
+    names = {"dir": str(tmp_path), "cert": certificate[0], "key": certificate[1]}
+    result = start_with(tmp_path, {k: v.format(**names) for k, v in settings.items()})
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == f"{tmp_path}/mpop3.conf: {message.format(**names)}"
+
+
 def test_unusable_key_is_a_one_line_start_up_error(tmp_path, certificate):
     bad = tmp_path / "garbage.pem"
     bad.write_text("not a key\n")
