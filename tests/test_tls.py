@@ -597,3 +597,26 @@ def test_sighup_reloads_the_certificate_of_the_mpop3_command(tmp_path, certifica
         assert subject() == "second"
         assert b"\r\n".join(old.retr(1)[1]) + b"\r\n" == as_crlf(MESSAGES[0])  # not dropped
         assert old.quit().startswith(b"+OK")
+
+
+def test_stdin_mode_on_a_listen_tls_port_is_implicit_tls(tmp_path, certificate):
+    """inetd or systemd Accept=yes on port 995: `mpop3 -s` gets the TCP
+    socket, sees that its port is a listen_tls address, and does TLS first."""
+    port = free_port()
+    conf = write_site(tmp_path, {"bob": "pw"}, {"bob": spool_bytes()}, tls_settings(certificate, port))
+    command = f"{sys.executable} -m mpop3 -c {conf} -s"
+    socat = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+                              f"EXEC:{command},nofork"], cwd=TREE, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                p = poplib.POP3_SSL("127.0.0.1", port, timeout=20, context=client_context(certificate[0]))
+                break
+            except (OSError, EOFError):
+                assert time.monotonic() < deadline, "socat did not listen"
+                time.sleep(0.1)
+        assert fetch_all(p) == [as_crlf(m) for m in MESSAGES]
+    finally:
+        socat.terminate()
+        socat.wait(10)
