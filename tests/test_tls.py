@@ -345,6 +345,8 @@ def namespaces():
     def ip(*args):
         subprocess.run(["ip", *args], check=True, capture_output=True)
 
+    for ns in (server_ns, client_ns):  # left over by a run that was killed
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     try:
         ip("netns", "add", server_ns)
         ip("netns", "add", client_ns)
