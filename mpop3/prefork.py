@@ -9,6 +9,7 @@ complete server with its own sessions: the session limits, the failed-login
 delays and LOGIN-DELAY are counted per process.
 """
 
+import ctypes
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ log = logging.getLogger("mpop3.server")
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 RESPAWN_PAUSE = 1.0  # a worker that dies at once is not restarted in a tight loop
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 def supervise(conf, tables, sockets, serve):
@@ -60,6 +62,7 @@ def spawn(conf, tables, sockets, serve):
     if pid == 0:  # the worker: a whole server of its own
         code = 1
         try:
+            end_with_parent()
             # serve() unblocks SIGTERM, SIGINT and SIGHUP once it handles them
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             code = serve(conf, tables, sockets=sockets)
@@ -69,6 +72,19 @@ def spawn(conf, tables, sockets, serve):
             logging.shutdown()
             os._exit(code)
     return pid, time.monotonic()
+
+
+def end_with_parent():
+    """Linux: get SIGTERM if the parent dies (even by SIGKILL), so that no
+    worker is left serving on its own; the check after it covers a parent
+    that died before the request was made."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM must do
+        return
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def reap():

@@ -543,6 +543,13 @@ def serve_session_process(plan):
     return serve_connection
 
 
+def unblock_signals_once_running(loop):
+    """Let held signals in only when the loop runs: between two
+    run_until_complete() calls uvloop has no wakeup fd, and a signal
+    delivered then would be lost (a SIGTERM during start-up ignored)."""
+    loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+
 def serve(conf, tables, sockets=None, stdin_mode=False, accepted=None, throttle=None, before_open=None):
     """One server process: its loop, its sessions, its signal handlers."""
     loop = new_loop()
@@ -559,11 +566,11 @@ def serve(conf, tables, sockets=None, stdin_mode=False, accepted=None, throttle=
             loop.add_signal_handler(signum, server.stop)
         loop.add_signal_handler(signal.SIGHUP, server.reload)
         if accepted is not None:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            unblock_signals_once_running(loop)
             loop.run_until_complete(server.serve_accepted(accepted))
             return 0
         loop.run_until_complete(server.start_listeners(sockets))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        unblock_signals_once_running(loop)
         loop.run_until_complete(server.stopped)
         log.info("stopped")
         return 0
