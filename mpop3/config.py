@@ -147,7 +147,7 @@ DIRECTIVES = {
         Directive("max_sessions_per_ip", positive_int, 32),
         Directive("shutdown_grace", seconds, 10.0),
         Directive("worker_threads", positive_int, 8),
-        Directive("processes", process_count, 1),
+        Directive("processes", process_count, process_count("auto")),
         Directive("login_delay", whole_number, 0),
         Directive("expire", expire_policy, None),
         Directive("implementation", text_value, None),

@@ -1,18 +1,21 @@
-"""Several server processes on the same listening sockets (`processes N`).
+"""Several server processes on the same addresses (`processes N`).
 
 One CPython process runs Python on one core at a time, and the storage
 work in its worker threads competes with its event loop for the GIL; a few
-processes accepting from the same sockets use every core (nginx's worker
+processes, each with its own SO_REUSEPORT sockets, use every core (nginx's worker
 processes). The parent binds, forks the workers, passes SIGTERM, SIGINT
 and SIGHUP on to them, and starts a new one if one dies. Each worker is a
-complete server with its own sessions: the session limits, the failed-login
+complete server with its own sessions; max_sessions counts the sessions
+of all of them (SessionTally), while max_sessions_per_ip, the failed-login
 delays and LOGIN-DELAY are counted per process.
 """
 
 import ctypes
 import logging
+import mmap
 import os
 import signal
+import struct
 import time
 
 log = logging.getLogger("mpop3.server")
@@ -22,14 +25,37 @@ RESPAWN_PAUSE = 1.0  # a worker that dies at once is not restarted in a tight lo
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
-def supervise(conf, tables, sockets, serve):
-    """Run conf.processes workers, each `serve(conf, tables, sockets=...)`,
-    until told to stop; the parent's exit code."""
+class SessionTally:
+    """The sessions all server processes hold, in memory they share, so
+    that max_sessions counts them all. Each process writes only its own
+    slot (no lock); processes admitting at the very same instant may let
+    in one session each beyond the limit."""
+
+    def __init__(self, slots):
+        self.memory = mmap.mmap(-1, 8 * slots)  # anonymous and shared: survives fork
+        self.slots = slots
+        self.slot = 0
+
+    def set(self, count):
+        struct.pack_into("q", self.memory, 8 * self.slot, count)
+
+    def total(self):
+        return sum(struct.unpack_from(f"{self.slots}q", self.memory))
+
+    def clear(self, slot):
+        struct.pack_into("q", self.memory, 8 * slot, 0)
+
+
+def supervise(conf, tables, socket_sets, serve):
+    """Run a worker per set of listening sockets (bound with SO_REUSEPORT),
+    each `serve(conf, tables, sockets=...)`, until told to stop; the
+    parent's exit code. The parent keeps every set open, so connections
+    queued for a worker that dies wait for its replacement."""
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    workers = {}  # pid -> start time
-    for _ in range(conf.values["processes"]):
-        pid, started = spawn(conf, tables, sockets, serve)
-        workers[pid] = started
+    tally = SessionTally(len(socket_sets))
+    workers = {}  # pid -> (start time, slot: its sockets and tally entry)
+    for slot in range(len(socket_sets)):
+        workers[spawn(conf, tables, socket_sets[slot], serve, tally, slot)] = (time.monotonic(), slot)
     log.info("started %d server processes: %s", len(workers), " ".join(map(str, workers)))
     stopping = False
     failed = False
@@ -41,9 +67,10 @@ def supervise(conf, tables, sockets, serve):
                 os.kill(pid, signum)
             continue
         for pid, status in reap():
-            started = workers.pop(pid, None)
+            started, slot = workers.pop(pid, (None, None))
             if started is None:
                 continue
+            tally.clear(slot)  # its sessions died with it
             code = os.waitstatus_to_exitcode(status)
             if stopping:
                 failed = failed or code != 0
@@ -51,13 +78,12 @@ def supervise(conf, tables, sockets, serve):
             log.error("server process %d ended unexpectedly (exit code %d); starting another", pid, code)
             if time.monotonic() - started < RESPAWN_PAUSE:
                 time.sleep(RESPAWN_PAUSE)
-            new_pid, new_started = spawn(conf, tables, sockets, serve)
-            workers[new_pid] = new_started
+            workers[spawn(conf, tables, socket_sets[slot], serve, tally, slot)] = (time.monotonic(), slot)
     log.info("all server processes stopped")
     return 1 if failed else 0
 
 
-def spawn(conf, tables, sockets, serve):
+def spawn(conf, tables, sockets, serve, tally, slot):
     pid = os.fork()
     if pid == 0:  # the worker: a whole server of its own
         code = 1
@@ -65,13 +91,14 @@ def spawn(conf, tables, sockets, serve):
             end_with_parent()
             # serve() unblocks SIGTERM, SIGINT and SIGHUP once it handles them
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-            code = serve(conf, tables, sockets=sockets)
+            tally.slot = slot
+            code = serve(conf, tables, sockets=sockets, tally=tally)
         except BaseException:
             log.exception("server process failed")
         finally:
             logging.shutdown()
             os._exit(code)
-    return pid, time.monotonic()
+    return pid
 
 
 def end_with_parent():

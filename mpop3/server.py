@@ -66,6 +66,7 @@ class Shared:
         self.tls_context = conf.tls_context or tls.context_from_config(conf)
         self.plaintext_passwords = plaintext_passwords(tables.auth)
         self.before_open = None  # called with the mailbox name before opening it (privs)
+        self.tally = None  # the sessions of all server processes (prefork.SessionTally)
         self.apply(conf)
 
     def apply(self, conf):
@@ -110,8 +111,9 @@ class Shared:
         """None to serve a new session, or the reply that refuses it."""
         if self.stopping:
             return replies.ERR_SHUTTING_DOWN
-        if len(self.sessions) >= self.settings.max_sessions:
-            log.warning("%s: refused, %d sessions already", session.peer, len(self.sessions))
+        open_now = len(self.sessions) if self.tally is None else self.tally.total()
+        if open_now >= self.settings.max_sessions:
+            log.warning("%s: refused, %d sessions already", session.peer, open_now)
             return replies.ERR_TOO_MANY_SESSIONS
         count = self.per_address.get(session.peer, 0)
         if count >= self.settings.max_sessions_per_ip:
@@ -119,10 +121,14 @@ class Shared:
             return replies.ERR_TOO_MANY_FROM_YOU
         self.per_address[session.peer] = count + 1
         self.sessions.add(session)
+        if self.tally is not None:
+            self.tally.set(len(self.sessions))
         return None
 
     def forget(self, session):
         self.sessions.discard(session)
+        if self.tally is not None:
+            self.tally.set(len(self.sessions))
         count = self.per_address.get(session.peer, 1) - 1
         if count > 0:
             self.per_address[session.peer] = count
@@ -441,11 +447,11 @@ async def connect_pipes(loop, session):
     await loop.connect_read_pipe(lambda: PipeReader(session, made), stdin)
 
 
-def bind(host, port):
+def bind(host, port, reuse_port=False):
     """A listening socket; TCP_NODELAY on it is inherited by accepted sockets
     (without it, a reply written in two pieces waits ~40 ms for an ACK)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=False)
+    sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setblocking(False)
     return sock
@@ -477,18 +483,23 @@ def run(conf, tables, stdin_mode=False):
     # A client may connect as soon as we listen, and a SIGTERM may follow:
     # hold our signals until the loop has handlers for them (serve()).
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    addresses = conf.listen + conf.listen_tls
+    # several server processes: a set of sockets each (SO_REUSEPORT), so
+    # the kernel spreads connections evenly instead of waking them all
+    processes = 1 if plan is not None and plan.process_per_session else conf.values["processes"]
     try:
-        sockets = [bind(host, port) for host, port in conf.listen + conf.listen_tls]
+        socket_sets = [[bind(host, port, reuse_port=processes > 1) for host, port in addresses]
+                       for _ in range(processes)]
     except OSError as e:
         log.error("cannot listen: %s", e.strerror or e)
         return 1
     if plan is not None and plan.process_per_session:
-        return session_processes.serve(conf, tables, sockets, serve_session_process(plan))
+        return session_processes.serve(conf, tables, socket_sets[0], serve_session_process(plan))
     if plan is not None and not switch_or_log(safe_identity(conf)):
         return 1
-    if conf.values["processes"] > 1:
-        return prefork.supervise(conf, tables, sockets, serve)
-    return serve(conf, tables, sockets=sockets)
+    if processes > 1:
+        return prefork.supervise(conf, tables, socket_sets, serve)
+    return serve(conf, tables, sockets=socket_sets[0])
 
 
 def privilege_plan(tables, stdin_mode):
@@ -550,12 +561,14 @@ def unblock_signals_once_running(loop):
     loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
-def serve(conf, tables, sockets=None, stdin_mode=False, accepted=None, throttle=None, before_open=None):
+def serve(conf, tables, sockets=None, stdin_mode=False, accepted=None, throttle=None, before_open=None,
+          tally=None):
     """One server process: its loop, its sessions, its signal handlers."""
     loop = new_loop()
     asyncio.set_event_loop(loop)
     server = Server(conf, tables, loop)
     server.shared.before_open = before_open
+    server.shared.tally = tally
     if throttle is not None:
         server.shared.throttle = throttle
     try:

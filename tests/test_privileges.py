@@ -140,15 +140,32 @@ def test_rule2_auth_needing_root_switches_to_safe_user_after_login(tmp_path):
 
 
 def test_rule3_after_bind_the_whole_server_is_safe_user(tmp_path):
-    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})
+    conf = write_site(tmp_path, {"vera": "pw", "walt": "pw"}, {"vera": SPOOL, "walt": SPOOL},
+                      extra={"processes": "2", "max_sessions": "2"})
     with open(conf, "a") as f:
         f.write("> mailbox_user any\n")
     with Spawned(conf) as server:
         expect(server.proc.pid, NOBODY)  # before any client: right after bind()
-        w = Wire(server.port)
-        w.login("vera", "pw")
-        assert w.cmd("STAT").startswith(b"+OK 2 ")
-        assert children(server.proc.pid) == []  # sessions in the one process
+        deadline = time.monotonic() + 5
+        while len(workers := children(server.proc.pid)) != 2:
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.02)
+        for pid in workers:
+            expect(pid, NOBODY)
+        time.sleep(0.2)  # Spawned's probe session has ended
+        sessions = [Wire(server.port), Wire(server.port)]
+        sessions[0].login("vera", "pw")
+        sessions[1].login("walt", "pw")
+        assert sessions[0].cmd("STAT").startswith(b"+OK 2 ")
+        # max_sessions counts the sessions of both server processes
+        for _ in range(4):
+            extra = Wire(server.port)
+            assert extra.greeting.startswith(b"-ERR [SYS/TEMP] too many sessions"), extra.greeting
+        sessions[1].cmd("QUIT")
+        deadline = time.monotonic() + 5
+        while not Wire(server.port).greeting.startswith(b"+OK"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
 
 
 def test_rule4_stdin_mode_switches_at_once(tmp_path):
