@@ -1,0 +1,148 @@
+"""Signals to the running `mpop3` command: SIGTERM stops it gracefully,
+SIGHUP reloads what is safe to reload."""
+
+import os
+import signal
+import time
+
+from pop_server import Spawned, Wire, mbox, write_site
+
+from mpop3 import replies
+
+
+def site(tmp_path, extra=None):
+    boxes = {"bob": mbox(b"Subject: 1\n\none\n", b"Subject: 2\n\ntwo\n"),
+             "alice": mbox(b"Subject: a\n\nalice\n", b"Subject: b\n\nbee\n")}
+    return write_site(tmp_path, {"bob": "pw", "alice": "pw"}, boxes, extra)
+
+
+def count(port, user):
+    w = Wire(port)
+    w.login(user, "pw")
+    n = int(w.cmd("STAT").split()[1])
+    w.cmd("QUIT")
+    return n
+
+
+def test_sigterm_lets_sessions_finish_then_closes_them_uncommitted(tmp_path):
+    conf = site(tmp_path, {"shutdown_grace": "1.5"})
+    server = Spawned(conf)
+    finishing = Wire(server.port)
+    finishing.login("bob", "pw")
+    lingering = Wire(server.port)
+    lingering.login("alice", "pw")
+    assert lingering.cmd("DELE 1") == replies.OK_DELETED.wire[:-2]
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:  # no new sessions
+        refused = Wire(server.port, timeout=2)
+        assert not refused.greeting.startswith(b"+OK")
+    except (ConnectionRefusedError, ConnectionResetError, EOFError):
+        pass
+    # a session may finish during the grace period, and its QUIT commits
+    assert finishing.cmd("DELE 2") == replies.OK_DELETED.wire[:-2]
+    assert finishing.cmd("QUIT") == b"+OK mpop3 signing off (1 deleted, 1 left)"
+    # the other is closed when the grace period is over, without committing
+    assert lingering.line() == replies.ERR_SHUTTING_DOWN.wire[:-2]
+    assert lingering.closed()
+    assert 1.3 < time.monotonic() - start < 5
+    assert server.proc.wait(10) == 0
+    log = server.proc.stderr.read().decode()
+    assert "closing 1 session without committing" in log, log
+    server = Spawned(conf)
+    try:
+        assert count(server.port, "bob") == 1
+        assert count(server.port, "alice") == 2
+    finally:
+        server.stop()
+
+
+def test_sigterm_with_no_sessions_exits_at_once(tmp_path):
+    server = Spawned(site(tmp_path))
+    start = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - start < 3
+
+
+def test_sighup_reloads_safe_settings(tmp_path):
+    conf = site(tmp_path)
+    server = Spawned(conf)
+    try:
+        w = Wire(server.port)
+        w.cmd("CAPA")
+        assert not any(line.startswith(b"IMPLEMENTATION") for line in w.multi())
+        with open(conf, "a") as f:
+            f.write("implementation mpop3-reloaded\nexpire 30\n")
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while True:
+            w = Wire(server.port)
+            w.cmd("CAPA")
+            capa = w.multi()
+            if b"IMPLEMENTATION mpop3-reloaded" in capa:
+                break
+            assert time.monotonic() < deadline, capa
+            time.sleep(0.05)
+        assert b"EXPIRE 30" in capa
+        # a broken file is refused and the running settings stay
+        with open(conf, "a") as f:
+            f.write("no_such_directive 1\n")
+        server.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        w = Wire(server.port)
+        w.cmd("CAPA")
+        assert b"IMPLEMENTATION mpop3-reloaded" in w.multi()
+        assert w.cmd("USER bob") == replies.OK_USER.wire[:-2]
+    finally:
+        assert server.stop() == 0
+    log = server.proc.stderr.read().decode()
+    assert "reload failed, keeping the running configuration" in log and "no_such_directive" in log, log
+    assert "needs a restart" not in log, log
+
+
+def greeting_pid(w):
+    return int(w.greeting.split(b"<")[1].split(b".")[0])
+
+
+def test_several_server_processes_share_the_sockets(tmp_path):
+    conf = site(tmp_path, {"processes": "3", "shutdown_grace": "1"})
+    # spools opened by the server's user: root switches to safe_user after
+    # bind (rule 3) and serves many sessions per process
+    with open(conf, "a") as f:
+        f.write("> mailbox_user any\n")
+    server = Spawned(conf)
+    try:
+        held = [Wire(server.port) for _ in range(30)]
+        pids = {greeting_pid(w) for w in held}
+        deadline = time.monotonic() + 10  # the other workers may still be starting
+        while len(pids) < 3 and time.monotonic() < deadline:
+            pids.add(greeting_pid(Wire(server.port)))
+            time.sleep(0.01)
+        assert len(pids) == 3 and server.proc.pid not in pids, pids
+        # one mailbox, one session, whichever process serves it
+        answers = []
+        for w in held[:6]:
+            w.cmd("USER bob")
+            w.send(b"PASS pw\r\n")
+        answers = sorted(w.line()[:12] for w in held[:6])
+        assert answers == [b"+OK maildrop"] + [b"-ERR [IN-USE"] * 5, answers
+        for w in held:
+            w.close()
+        # a worker that dies is replaced
+        victim = pids.pop()
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            fresh = {greeting_pid(Wire(server.port)) for _ in range(20)}
+            if len(fresh - pids - {victim}) >= 1:
+                break
+            assert time.monotonic() < deadline, (fresh, pids, victim)
+            time.sleep(0.2)
+        assert count(server.port, "alice") == 2
+    finally:
+        code = server.stop()
+    log = server.proc.stderr.read().decode()
+    assert code == 0, log
+    assert f"server process {victim} ended unexpectedly" in log, log
+    assert "all server processes stopped" in log
