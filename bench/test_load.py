@@ -27,6 +27,9 @@ import time
 import dovecot
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from pop_server import served_as_safe_user  # noqa: E402  (the spools, as the tests give them to safe_user)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TREE = os.path.dirname(HERE)
 LOADGEN = os.path.join(HERE, "loadgen")
@@ -112,18 +115,25 @@ def site(tmp_path_factory):
     big = retr_mailbox()
     for i in range(4):  # separate copies: a hard link is the same mailbox
         (spool / f"r{i}").write_bytes(big)
+    served_as_safe_user(spool)
     tls_port = free_port()
     cert = make_certificate(root)
-    server, port = start_mpop3(root, f"auth_module auth_file\n> passwd_file {root}/passwd\n"
-                                     f"storage_module storage_mbox\n> storage_dir {spool}\n"
-                                     f"tls_cert {cert}\nlisten_tls 127.0.0.1:{tls_port}\n")
+    # spools opened by the server's own user (`mailbox_user any`): as root,
+    # the whole server becomes safe_user after bind and serves many
+    # sessions per process (privilege rule 3)
+    shared = f"storage_module storage_mbox\n> storage_dir {spool}\n> mailbox_user any\n"
+    server, port = start_mpop3(root, f"processes 1\nauth_module auth_file\n> passwd_file {root}/passwd\n"
+                                     + shared + f"tls_cert {cert}\nlisten_tls 127.0.0.1:{tls_port}\n")
     multi, multi_port = start_mpop3(root, f"processes {PROCESSES}\n"
-                                    f"auth_module auth_file\n> passwd_file {root}/passwd\n"
-                                    f"storage_module storage_mbox\n> storage_dir {spool}\n")
+                                    f"auth_module auth_file\n> passwd_file {root}/passwd\n" + shared)
+    # each spool opened by its mailbox's user (the default): as root, a
+    # process per session, switching users after login (rule 1)
+    per_session, per_session_port = start_mpop3(root, f"auth_module auth_file\n> passwd_file {root}/passwd\n"
+                                                f"storage_module storage_mbox\n> storage_dir {spool}\n")
     # the same server without a storage module (every mailbox empty): what
     # the core costs, apart from the mbox engine
     core_tls_port = free_port()
-    core, core_port = start_mpop3(root, f"auth_module auth_file\n> passwd_file {root}/passwd\n"
+    core, core_port = start_mpop3(root, f"processes 1\nauth_module auth_file\n> passwd_file {root}/passwd\n"
                                         f"tls_cert {cert}\nlisten_tls 127.0.0.1:{core_tls_port}\n")
     canned_port = free_port()
     canned = subprocess.Popen([sys.executable, os.path.join(HERE, "canned.py"), str(canned_port),
@@ -136,9 +146,10 @@ def site(tmp_path_factory):
         extra["dovecot"] = (dovecot.start(str(root), str(spool), dovecot_port, users), dovecot_port)
         wait_listening(dovecot_port)
     yield {**extra,"mpop3": (server, port), "mpop3-tls": (server, tls_port), "multi": (multi, multi_port),
+           "per-session": (per_session, per_session_port),
            "core": (core, core_port), "core-tls": (core, core_tls_port),
            "canned": (canned, canned_port), "results": [], "where": str(root)}
-    procs = [server, multi, core, canned] + [extra["dovecot"][0]] * ("dovecot" in extra)
+    procs = [server, multi, per_session, core, canned] + [extra["dovecot"][0]] * ("dovecot" in extra)
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for proc in procs:  # every one is stopped, even if one of them hangs
@@ -329,3 +340,24 @@ def test_memory_per_idle_session(site, capsys):
     report(site, capsys, f"idle {IDLE_SESSIONS} sessions: mpop3 {ours:.1f} KiB PSS per logged-in session "
            f"(target <= 30 KB), canned {canned:.1f} KiB per connection")
     assert ours < 30
+
+
+def test_process_per_session(site, capsys):
+    """Started as root with spools opened by their users: a process per
+    session, forked from a prepared listener, switching users after login.
+    Logins at 32 clients and PSS per idle session, next to the shared
+    process figures of the same run."""
+    model = "a process per session" if os.geteuid() == 0 else "NOT root: one process (no switching)"
+    shared = measure(site, "mpop3", "login", 32, "user3%02d")
+    time.sleep(0.3)
+    ours = measure(site, "per-session", "login", 32, "user4%02d")
+    rate, shared_rate = ours["sessions"] / ours["seconds"], shared["sessions"] / shared["seconds"]
+    report(site, capsys, f"login 32 clients, {model}: {rate:6.0f} sessions/s (target >= 1,000); "
+           f"shared process {shared_rate:6.0f}/s, ratio {rate / shared_rate:.2f}; CPU: server "
+           f"{ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores")
+    time.sleep(0.5)
+    per_session = idle_pss(site, "per-session")
+    shared_pss = idle_pss(site, "mpop3")
+    report(site, capsys, f"idle {IDLE_SESSIONS} sessions, {model}: {per_session:.0f} KiB PSS per "
+           f"logged-in session; shared process {shared_pss:.1f} KiB, ratio {per_session / shared_pss:.0f}")
+    assert ours["sessions"] > 0

@@ -186,6 +186,9 @@ class Config:
     modules: list  # ModuleLine, in file order
     # the SSLContext built from tls_* (mpop3/tls.py), once, before any fork
     tls_context: object = None
+    # the listen lines of the file itself (-l may replace conf.listen); a
+    # reload compares with them
+    file_listen: list = None
 
     def __getattr__(self, name):
         try:
@@ -249,7 +252,7 @@ def parse(text, path="mpop3.conf"):
             values[name] = parsed
     for name, directive in DIRECTIVES.items():
         values.setdefault(name, directive.default)
-    return Config(path=path, values=values, modules=modules)
+    return Config(path=path, values=values, modules=modules, file_listen=values["listen"])
 
 
 def module_setting(module, text, where):

@@ -15,6 +15,7 @@ modules need a restart, and a reload that fails keeps the old settings.
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -142,7 +143,6 @@ class Server:
         self.shared = Shared(conf, tables, self.loop)
         self.listeners = []
         self.stopped = self.loop.create_future()
-        self.file_listen = file_listen(conf.path)  # -l may have replaced conf.listen
 
     def new_session(self):
         return Session(self.shared)
@@ -238,7 +238,7 @@ class Server:
         except Exception as e:  # ConfigError, or anything a broken file causes
             log.error("reload failed, keeping the running configuration: %s", e)
             return
-        if new.values["listen"] != self.file_listen:
+        if new.values["listen"] != old.file_listen:
             log.warning("reload: listen addresses changed; that needs a restart")
         if [(m.kind, m.file, m.settings) for m in new.modules] != [(m.kind, m.file, m.settings) for m in old.modules]:
             log.warning("reload: module lines changed; that needs a restart")
@@ -248,7 +248,7 @@ class Server:
         for name in ("worker_threads", "processes"):
             if new.values[name] != old.values[name]:
                 log.warning("reload: %s changed; that needs a restart", name)
-        merged = config_module.Config(path=old.path, values=dict(old.values), modules=old.modules)
+        merged = dataclasses.replace(old, values=dict(old.values))
         for name in RELOADABLE:
             merged.values[name] = new.values[name]
         self.shared.conf = merged
@@ -284,14 +284,6 @@ def plaintext_passwords(auth):
     them): a module supplies auth_password, or a subclass overrides it."""
     return (auth.supplied_by.get("auth_password", "default") != "default"
             or type(auth).auth_password is not AuthFunctions.auth_password)
-
-
-def file_listen(path):
-    """The listen addresses the configuration file itself names."""
-    try:
-        return config_module.load(path).values["listen"]
-    except Exception:
-        return None
 
 
 class PipeReader(asyncio.Protocol):
@@ -581,6 +573,8 @@ def serve(conf, tables, sockets=None, stdin_mode=False, accepted=None, throttle=
         if accepted is not None:
             unblock_signals_once_running(loop)
             loop.run_until_complete(server.serve_accepted(accepted))
+            if server.shared.stopping:  # SIGTERM came: let stop() finish its work
+                loop.run_until_complete(server.stopped)
             return 0
         loop.run_until_complete(server.start_listeners(sockets))
         unblock_signals_once_running(loop)

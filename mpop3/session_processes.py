@@ -14,7 +14,9 @@ login over a socket pair of its own (one line each way), so failures in
 other sessions from the same address count at once.
 """
 
+import asyncio
 import errno
+import gc
 import logging
 import os
 import selectors
@@ -55,11 +57,26 @@ class Listener:
             self.selector.register(sock, selectors.EVENT_READ, self.accept)
         self.selector.register(wake_r, selectors.EVENT_READ, self.signalled)
         log.info("serving each session in a process of its own")
+        self.prepare()
         while not (self.stopping and not self.children):
             for key, _ in self.selector.select():
                 key.data(key.fileobj)
         log.info("stopped")
         return 0
+
+    def prepare(self):
+        """Do once here what every session process would otherwise do on
+        its own: an event loop's first creation imports and caches a good
+        deal. Then freeze what is loaded, so that the collector in a session
+        process does not touch (and so copy) the pages it shares with us."""
+        from .server import new_loop
+
+        loop = new_loop()
+        asyncio.set_event_loop(loop)
+        loop.close()
+        asyncio.set_event_loop(None)
+        gc.collect()
+        gc.freeze()
 
     # --- connections -------------------------------------------------------
 

@@ -11,15 +11,17 @@ import threading
 class Workers:
     def __init__(self, loop, count):
         self.loop = loop
+        self.count = count
         self.jobs = queue.SimpleQueue()
-        self.threads = [threading.Thread(target=self.work, name=f"mpop3-worker-{i}", daemon=True)
-                        for i in range(count)]
-        for thread in self.threads:
-            thread.start()
+        self.threads = []  # started on demand: a one-session process needs one
 
     def submit(self, callback, function, *args):
         """Run function(*args) in a thread; then callback(result, exc) on the loop."""
         self.jobs.put((callback, function, args))
+        if len(self.threads) < self.count and self.jobs.qsize() > 0:
+            thread = threading.Thread(target=self.work, name=f"mpop3-worker-{len(self.threads)}", daemon=True)
+            self.threads.append(thread)
+            thread.start()
 
     def work(self):
         while True:
