@@ -2,7 +2,7 @@
 login (DESIGN section 5, rules 1 and 2): a uid belongs to a process.
 
 The listener keeps root only for this: it accepts, counts, and forks. It
-runs no event loop and no module code, so the child starts clean: it closes
+runs no event loop and no session code, so the child starts clean: it closes
 the listening sockets, serves its one connection on a new uvloop loop, and
 gives up root for good once the user has authenticated. A session process
 that crashes takes nothing else with it.
@@ -24,7 +24,7 @@ import signal
 import socket
 from collections import Counter
 
-from . import replies
+from . import prefork, replies
 from .limits import LoginThrottle
 
 log = logging.getLogger("mpop3.server")
@@ -37,7 +37,7 @@ class Listener:
         self.conf = conf
         self.tables = tables
         self.sockets = sockets
-        self.serve_connection = serve_connection  # (conf, tables, sock, peer, reports) in the child
+        self.serve_connection = serve_connection  # (conf, tables, sock, throttle), in the child
         self.children = {}  # pid -> client address
         self.per_address = Counter()
         self.throttle = LoginThrottle(conf.values["login_fail_delay"], conf.values["login_fail_delay_max"])
@@ -45,8 +45,8 @@ class Listener:
         self.selector = selectors.DefaultSelector()
 
     def run(self):
-        wake_r, wake_w = os.pipe()
-        for fd in (wake_r, wake_w):
+        self.wake = wake_r, wake_w = os.pipe()
+        for fd in self.wake:
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(wake_w)
         for signum in HANDLED:
@@ -127,15 +127,16 @@ class Listener:
             signal.set_wakeup_fd(-1)
             for signum in HANDLED:
                 signal.signal(signum, signal.SIG_DFL)
+            for fd in self.wake:
+                os.close(fd)
             for sock in self.sockets:
                 sock.close()
             for key in list(self.selector.get_map().values()):
                 if isinstance(key.fileobj, socket.socket):
                     key.fileobj.close()  # other sessions' channels
-            conn.setblocking(False)
-            reports = SharedThrottle(channel, self.throttle)
             self.selector.close()
-            code = self.serve_connection(self.conf, self.tables, conn, reports)
+            conn.setblocking(False)
+            code = self.serve_connection(self.conf, self.tables, conn, SharedThrottle(channel, self.throttle))
         except BaseException:
             log.exception("session process failed")
         finally:
@@ -195,13 +196,7 @@ class Listener:
                 pass
 
     def reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in prefork.reap():
             address = self.children.pop(pid, None)
             if address is None:
                 continue
