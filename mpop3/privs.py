@@ -14,6 +14,7 @@ import grp
 import logging
 import os
 import pwd
+import sys
 from dataclasses import dataclass
 
 from .storage_functions import WU_ANY, WU_MAILBOX
@@ -95,6 +96,26 @@ def check_safe_user(user_name):
     if pw.pw_uid == 0 or pw.pw_gid == 0:
         return f"safe_user {user_name!r} has uid or gid 0: it must not be root"
     return None
+
+
+def python_closed_at():
+    """The first directory on the way to this Python's own files that other
+    users may not enter, or None. After giving up root, mpop3 still runs
+    Python, which may still import from there."""
+    path = "/"
+    for part in os.path.realpath(sys.base_prefix).strip("/").split("/"):
+        path = os.path.join(path, part)
+        if not os.stat(path).st_mode & 0o001:
+            return path
+    return None
+
+
+def open_way_to_python():
+    """Let other users through the directories to this Python's files
+    (search only, no listing), as a system Python's are: what a root-started
+    server needs on a machine whose Python lives under /root (pyenv)."""
+    while (closed := python_closed_at()) is not None:
+        os.chmod(closed, os.stat(closed).st_mode | 0o001)
 
 
 def running_as_root():

@@ -502,6 +502,10 @@ def privilege_plan(tables, stdin_mode):
     plan = privs.plan(tables.storage.storage_need_user(), tables.auth.auth_need_root(), stdin_mode)
     log.info("started as root: switching users %s%s", plan.when,
              " to each mailbox's user" if plan.to_mailbox_user else " to safe_user")
+    closed = privs.python_closed_at()
+    if closed is not None:
+        log.warning("%s is closed to other users, and Python runs from under it: after giving up "
+                    "root, mpop3 may fail to import (chmod o+x %s, or use a system Python)", closed, closed)
     return plan
 
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from mpop3 import privs
+
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_MODULE_SOURCES = os.path.join(TREE, "tests", "modules")
 
@@ -23,14 +25,8 @@ def python_reachable_by_safe_user():
     then still runs Python: its files must be readable by safe_user, as a
     system Python's are. Here Python may live under /root (pyenv), which is
     0700: let others through it, without letting them list it."""
-    if os.geteuid() != 0:
-        return
-    path = os.path.realpath(sys.base_prefix)
-    while path != "/":
-        mode = os.stat(path).st_mode
-        if not mode & 0o001:
-            os.chmod(path, mode | 0o001)
-        path = os.path.dirname(path)
+    if os.geteuid() == 0:
+        privs.open_way_to_python()
 
 
 @pytest.fixture(scope="session")

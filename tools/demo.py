@@ -60,14 +60,34 @@ def build():
     return conf
 
 
+def serve_as_safe_user():
+    """Started as root, mpop3 serves the demo mailbox (a virtual user) as
+    safe_user, nobody: give it the spool, and a way to it and to Python."""
+    import pwd
+
+    from mpop3 import privs
+
+    nobody = pwd.getpwnam("nobody")
+    spool = os.path.join(DEMO, "spool")
+    for path in (spool, os.path.join(spool, "demo")):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    path = DEMO
+    while path != "/":
+        os.chmod(path, os.stat(path).st_mode | 0o001)
+        path = os.path.dirname(path)
+    privs.open_way_to_python()
+
+
 def main():
+    sys.path.insert(0, TREE)
     conf = build()
+    if os.geteuid() == 0:
+        serve_as_safe_user()
     print(f"mpop3 demo: user 'demo', password 'demo', {len(MESSAGES)} messages, on {ADDRESS}")
     print("try, in another terminal:")
     print(f"    curl pop3://demo:demo@{ADDRESS}/1")
     print(f"    curl pop3://demo:demo@{ADDRESS}/        (the message list)")
     print("Ctrl-C stops the server.", flush=True)
-    sys.path.insert(0, TREE)
     from mpop3 import cli
 
     return cli.main(["-c", conf])
