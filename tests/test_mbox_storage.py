@@ -234,13 +234,7 @@ def test_an_external_modification_ends_the_session_and_deletes_nothing(mod, spoo
     else:  # a new file renamed over the spool
         (spool_dir / "tmp").write_bytes(changed)
         os.rename(spool_dir / "tmp", path)
-    with pytest.raises(StorageTempError):
-        mod.storage_dump_fragment(box, 5, None)
-    with pytest.raises(StorageTempError):
-        mod.storage_synch(box, {0})
-    mod.storage_unlock_mailbox(box)
-    assert path.read_bytes() == changed
-    assert "external modification" in caplog.text
+    assert_refused_and_left_alone(mod, box, path, changed, caplog, send=5, delete=0)
 
 
 def test_appends_are_not_a_modification(mod, spool_dir):
@@ -424,10 +418,16 @@ def test_a_message_that_no_longer_starts_where_it_did_is_not_sent_or_deleted(mod
     with open(path, "r+b") as f:
         f.write(changed)
     assert b"".join(mod.storage_dump_fragment(box, 0, None)).startswith(b"Subject: message 0")
+    assert_refused_and_left_alone(mod, box, path, changed, caplog, send=2, delete=2)
+
+
+def assert_refused_and_left_alone(mod, box, path, changed, caplog, send, delete):
+    """After another program changed the spool: no RETR, no commit, the
+    spool as that program left it, and the change logged."""
     with pytest.raises(StorageTempError):
-        mod.storage_dump_fragment(box, 2, None)
+        mod.storage_dump_fragment(box, send, None)
     with pytest.raises(StorageTempError):
-        mod.storage_synch(box, {2})
+        mod.storage_synch(box, {delete})
     mod.storage_unlock_mailbox(box)
     assert path.read_bytes() == changed
     assert "external modification" in caplog.text
