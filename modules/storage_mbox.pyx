@@ -149,7 +149,7 @@ class Mailbox:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise StoragePermError("the spool is not a regular file")
-        if st.st_uid != os.geteuid() != 0:
+        if os.geteuid() != 0 and st.st_uid != os.geteuid():
             # the mailbox's user opens it (privilege rule 1, wuMailbox): a
             # spool owned by anyone else is not this mailbox's. (Root is
             # only ever here in tools and tests: a root server switches.)

@@ -118,9 +118,6 @@ def cram_md5_matches(credentials, password):
     return hmac.compare_digest(expected.encode(), credentials.digest.encode("ascii", "replace"))
 
 
-def encode(data):
-    return base64.b64encode(data)
-
 
 def new_cram_challenge():
     """A fresh CRAM-MD5 challenge, `<random.time@host>` (RFC 2195)."""
