@@ -68,23 +68,34 @@ def identity(user_name, mail_group=None):
     return Identity(pw.pw_name, pw.pw_uid, pw.pw_gid, groups)
 
 
-def session_identity(plan, values, mailbox):
-    """Who serves `mailbox` after login (rules 1 and 2).
+class SessionIdentities:
+    """Who serves a mailbox after login (rules 1 and 2).
 
     WU_MAILBOX: the system user named like the mailbox; a mailbox without a
     system account (a virtual user of auth_file, say) is served as
     `mail_owner`, which defaults to safe_user. Everything else: safe_user.
+
+    The fixed identity is looked up once, where this is made (the listener,
+    before any session process exists): that also loads the name service's
+    modules there, which each session process would otherwise load again.
+    KeyError if that user does not exist.
     """
-    groups_from = values["mail_group"]
-    if plan.to_mailbox_user:
+
+    def __init__(self, plan, values):
+        self.to_mailbox_user = plan.to_mailbox_user
+        fixed = (values["mail_owner"] or values["safe_user"]) if plan.to_mailbox_user else values["safe_user"]
+        self.fixed = identity(fixed, values["mail_group"])
+
+    def for_mailbox(self, mailbox):
+        if not self.to_mailbox_user:
+            return self.fixed
         try:
             pw = pwd.getpwnam(mailbox)
         except KeyError:
-            return identity(values["mail_owner"] or values["safe_user"], groups_from)
+            return self.fixed
         if pw.pw_uid == 0 or pw.pw_gid == 0:
             raise PrivilegeError(f"mailbox {mailbox!r} belongs to a root account; refusing to serve it")
-        return identity(pw.pw_name, groups_from)
-    return identity(values["safe_user"], groups_from)
+        return Identity(pw.pw_name, pw.pw_uid, pw.pw_gid, self.fixed.groups)
 
 
 def check_safe_user(user_name):

@@ -31,7 +31,7 @@ from . import sasl, tls
 from .auth_functions import AuthFunctions
 from .limits import LoginDelayClock, LoginThrottle
 from .session import Session
-from .workers import Workers
+from .workers import InlineWorkers, Workers
 
 log = logging.getLogger("mpop3.server")
 
@@ -202,7 +202,8 @@ class Server:
 
     async def finish_commits(self):
         """Let any commit in a worker thread finish before the loop ends."""
-        await self.loop.run_in_executor(None, self.shared.workers.shutdown)
+        if self.shared.workers.threads:
+            await self.loop.run_in_executor(None, self.shared.workers.shutdown)
         await asyncio.sleep(0)  # the callbacks they scheduled
 
     def stop(self):
@@ -468,10 +469,15 @@ def run(conf, tables, stdin_mode=False):
     bind(), or after each login in a process of the session's own.
     """
     plan = privilege_plan(tables, stdin_mode)
+    try:
+        before_open = after_login_switch(plan, conf)
+    except KeyError as e:
+        log.error("cannot switch users after login: no user %s", e)
+        return 1
     if stdin_mode:
         if plan is not None and plan.when == privs.AT_ONCE and not switch_or_log(safe_identity(conf)):
             return 1
-        return serve(conf, tables, stdin_mode=True, before_open=after_login_switch(plan, conf))
+        return serve(conf, tables, stdin_mode=True, before_open=before_open)
     # A client may connect as soon as we listen, and a SIGTERM may follow:
     # hold our signals until the loop has handlers for them (serve()).
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -486,7 +492,7 @@ def run(conf, tables, stdin_mode=False):
         log.error("cannot listen: %s", e.strerror or e)
         return 1
     if plan is not None and plan.process_per_session:
-        return session_processes.serve(conf, tables, socket_sets[0], serve_session_process(plan))
+        return session_processes.serve(conf, tables, socket_sets[0], serve_session_process(before_open))
     if plan is not None and not switch_or_log(safe_identity(conf)):
         return 1
     if processes > 1:
@@ -524,13 +530,15 @@ def switch_or_log(who):
 
 def after_login_switch(plan, conf):
     """The session's before_open hook for rules 1 and 2: become the
-    mailbox's user (or safe_user) before the mailbox is opened."""
+    mailbox's user (or safe_user) before the mailbox is opened.
+    KeyError if the fixed user (safe_user, mail_owner) has gone."""
     if plan is None or plan.when != privs.AFTER_AUTH:
         return None
+    identities = privs.SessionIdentities(plan, conf.values)
 
     def before_open(mailbox):
         try:
-            who = privs.session_identity(plan, conf.values, mailbox)
+            who = identities.for_mailbox(mailbox)
         except (privs.PrivilegeError, KeyError) as e:  # nothing has changed yet
             log.error("mailbox %s: cannot tell whom to serve it as: %s", mailbox, e)
             raise StoragePermError() from None
@@ -542,10 +550,9 @@ def after_login_switch(plan, conf):
     return before_open
 
 
-def serve_session_process(plan):
+def serve_session_process(before_open):
     def serve_connection(conf, tables, sock, reports):
-        return serve(conf, tables, accepted=sock, throttle=reports,
-                     before_open=after_login_switch(plan, conf))
+        return serve(conf, tables, accepted=sock, throttle=reports, before_open=before_open)
 
     return serve_connection
 
@@ -567,6 +574,8 @@ def serve(conf, tables, sockets=None, stdin_mode=False, accepted=None, throttle=
     server.shared.tally = tally
     if throttle is not None:
         server.shared.throttle = throttle
+    if accepted is not None or stdin_mode:  # a process with one session
+        server.shared.workers = InlineWorkers(loop)
     try:
         if stdin_mode:
             loop.run_until_complete(server.serve_stdin())

@@ -1,11 +1,23 @@
-"""Worker threads for blocking work (password hashing, opening and
-committing mailboxes), lighter than run_in_executor: a job is a function,
-its arguments and a callback that gets (result, exception) on the loop
-thread. At thousands of logins a second the future-chaining machinery of
-run_in_executor costs more than the job itself."""
+"""Where blocking work (password hashing, opening and committing mailboxes)
+runs. A job is a function, its arguments and a callback that gets (result,
+exception) on the loop thread, on a later turn of the loop.
+
+Workers: threads, for a process serving many sessions; lighter than
+run_in_executor (at thousands of logins a second the future-chaining
+machinery of run_in_executor costs more than the job itself).
+InlineWorkers: the loop's own thread, for a process serving one session.
+"""
 
 import queue
 import threading
+
+
+def run(function, args):
+    """(result, None), or (None, the exception), which the callback judges."""
+    try:
+        return function(*args), None
+    except BaseException as e:
+        return None, e
 
 
 class Workers:
@@ -13,7 +25,7 @@ class Workers:
         self.loop = loop
         self.count = count
         self.jobs = queue.SimpleQueue()
-        self.threads = []  # started on demand: a one-session process needs one
+        self.threads = []  # started on demand
 
     def submit(self, callback, function, *args):
         """Run function(*args) in a thread; then callback(result, exc) on the loop."""
@@ -30,11 +42,7 @@ class Workers:
                 return
             callback, function, args = job
             try:
-                result, exc = function(*args), None
-            except BaseException as e:  # handed to the callback, which decides
-                result, exc = None, e
-            try:
-                self.loop.call_soon_threadsafe(callback, result, exc)
+                self.loop.call_soon_threadsafe(callback, *run(function, args))
             except RuntimeError:  # the loop is gone (shutdown): nobody to tell
                 pass
 
@@ -44,3 +52,22 @@ class Workers:
             self.jobs.put(None)
         for thread in self.threads:
             thread.join()
+
+
+class InlineWorkers:
+    """A process with one session has no other session to keep waiting
+    while a job blocks, and starting a thread there would cost more than
+    most jobs (a stack, a malloc arena, every later setuid() broadcast to
+    it). The job runs at once; its callback still comes on a later turn of
+    the loop, as with threads."""
+
+    threads = ()
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def submit(self, callback, function, *args):
+        self.loop.call_soon(callback, *run(function, args))
+
+    def shutdown(self):
+        pass

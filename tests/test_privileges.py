@@ -113,6 +113,21 @@ def test_rule1_virtual_user_is_served_as_safe_user_or_mail_owner(tmp_path):
             assert w.cmd("STAT").startswith(b"+OK 2 ")
 
 
+def test_a_session_process_does_its_blocking_work_on_its_one_thread(tmp_path):
+    """No worker thread: there is no other session to keep waiting, and
+    starting one would cost each session process more than the login."""
+    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})
+    with Spawned(conf) as server:
+        w = Wire(server.port)
+        pid = session_pid(server)
+        w.login("vera", "pw")
+        assert w.cmd("DELE 1").startswith(b"+OK")
+        threads = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))["Threads"].strip()
+        assert threads == "1"
+        assert w.cmd("QUIT").startswith(b"+OK")
+    assert (tmp_path / "spool" / "vera").read_bytes() == mbox(b"Subject: two\n\nsecond\n")
+
+
 def test_rule1_a_spool_of_another_owner_is_refused(tmp_path):
     conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})
     os.chown(tmp_path / "spool" / "vera", 0, 0)  # root's, not safe_user's
