@@ -37,6 +37,7 @@ GREETING = b"mpop3 ready"
 ERR_TOO_MANY_SESSIONS = Reply(False, b"too many sessions, try again later", "SYS/TEMP")
 ERR_TOO_MANY_FROM_YOU = Reply(False, b"too many sessions from your address, try again later", "SYS/TEMP")
 ERR_SHUTTING_DOWN = Reply(False, b"server shutting down, try again later", "SYS/TEMP")
+ERR_NO_SESSION_PROCESS = Reply(False, b"no session can be started now, try again later", "SYS/TEMP")
 
 # --- AUTHORIZATION ---------------------------------------------------------
 OK_USER = Reply(True, b"send PASS")  # the same whether or not the user exists

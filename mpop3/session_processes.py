@@ -11,7 +11,11 @@ What must outlive one session lives here, in the listener: the session
 counts (max_sessions, max_sessions_per_ip) and the failed-login delays per
 client address. A child asks the listener for the delay of each failed
 login over a socket pair of its own (one line each way), so failures in
-other sessions from the same address count at once.
+other sessions from the same address count at once. What a child says
+there is not trusted: a session process runs as a mailbox's user after
+login, and serves a client that may be hostile. The address a report
+counts against is the one the listener accepted, and a child that says
+anything malformed is no longer listened to.
 """
 
 import asyncio
@@ -30,6 +34,8 @@ from .limits import LoginThrottle
 log = logging.getLogger("mpop3.server")
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+# A report is `failed HEX` (a keyed 16-byte fingerprint) or `succeeded`.
+LONGEST_REPORT = 64
 
 
 class Listener:
@@ -60,7 +66,10 @@ class Listener:
         self.prepare()
         while not (self.stopping and not self.children):
             for key, _ in self.selector.select():
-                key.data(key.fileobj)
+                if isinstance(key.data, ChildChannel):
+                    self.answer_child(key.data)
+                else:
+                    key.data(key.fileobj)
         log.info("stopped")
         return 0
 
@@ -95,18 +104,31 @@ class Listener:
         if refusal is not None:
             refuse(conn, refusal)
             return
-        ours, theirs = socket.socketpair()
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError as e:
+            log.error("%s: refused, no socket pair for a session process: %s", address, e.strerror)
+            refuse(conn, replies.ERR_NO_SESSION_PROCESS)
+            return
         # the child starts with our signals held until its loop handles them
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # EAGAIN (a process limit), ENOMEM
+            log.error("%s: refused, cannot start a session process: %s", address, e.strerror)
+            pid = None
         if pid == 0:
             ours.close()
             self.become_session(conn, address, theirs)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-        conn.close()
         theirs.close()
+        if pid is None:
+            ours.close()
+            refuse(conn, replies.ERR_NO_SESSION_PROCESS)
+            return
+        conn.close()
         ours.setblocking(False)
-        self.selector.register(ours, selectors.EVENT_READ, self.answer_child)
+        self.selector.register(ours, selectors.EVENT_READ, ChildChannel(ours, address))
         self.children[pid] = address
         self.per_address[address] += 1
 
@@ -132,7 +154,7 @@ class Listener:
             for sock in self.sockets:
                 sock.close()
             for key in list(self.selector.get_map().values()):
-                if isinstance(key.fileobj, socket.socket):
+                if isinstance(key.data, ChildChannel):
                     key.fileobj.close()  # other sessions' channels
             self.selector.close()
             conn.setblocking(False)
@@ -207,31 +229,58 @@ class Listener:
                 log.error("session process %d (%s) killed by signal %d", pid, address, os.WTERMSIG(status))
 
     def answer_child(self, channel):
-        """A session process reports a login: `failed ADDRESS MARK` is
-        answered with the delay, `succeeded ADDRESS` with nothing. End of
-        file: the session process is gone."""
+        """A session process reports a login: `failed HEX` is answered
+        with the delay, `succeeded` with nothing; both count for the
+        address we accepted the session from. End of file: the session
+        process is gone. Anything else: we stop listening to it, and it
+        falls back on its own copy of the delays."""
         try:
-            data = channel.recv(4096)
+            data = channel.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if not data:
-            self.selector.unregister(channel)
-            channel.close()
+            self.hang_up(channel)
             return
-        for line in data.splitlines():
-            kind, _, rest = line.partition(b" ")
-            address, _, mark = rest.partition(b" ")
-            address = address.decode("ascii", "replace")
-            if kind == b"failed":
-                delay = self.throttle.failed_mark(address, bytes.fromhex(mark.decode("ascii", "replace")))
-                try:
-                    channel.send(b"%r\n" % delay)
-                except OSError:
-                    pass
-            elif kind == b"succeeded":
-                self.throttle.succeeded(address)
+        lines = (channel.partial + data).split(b"\n")
+        channel.partial = lines.pop()
+        if len(channel.partial) > LONGEST_REPORT:
+            lines.append(channel.partial)  # judged below: too long for a report
+        for line in lines:
+            kind, _, mark = line.partition(b" ")
+            if kind == b"succeeded" and not mark:
+                self.throttle.succeeded(channel.address)
+                continue
+            try:
+                mark = bytes.fromhex(mark.decode("ascii"))
+            except ValueError:
+                mark = b""
+            if kind != b"failed" or len(mark) != 16:
+                log.warning("session process for %s: malformed report %r; no longer listening to it",
+                            channel.address, line[:LONGEST_REPORT])
+                self.hang_up(channel)
+                return
+            try:
+                channel.sock.send(b"%r\n" % self.throttle.failed_mark(channel.address, mark))
+            except OSError:
+                pass
+
+    def hang_up(self, channel):
+        self.selector.unregister(channel.sock)
+        channel.sock.close()
+
+
+class ChildChannel:
+    """The listener's end of a session process's socket pair, and the
+    client address the session was accepted from."""
+
+    __slots__ = ("sock", "address", "partial")
+
+    def __init__(self, sock, address):
+        self.sock = sock
+        self.address = address
+        self.partial = b""  # a report not yet ended by its newline
 
 
 class SharedThrottle(LoginThrottle):
@@ -247,7 +296,7 @@ class SharedThrottle(LoginThrottle):
     def failed_mark(self, address, mark):
         local = super().failed_mark(address, mark)
         try:
-            self.channel.sendall(b"failed %s %s\n" % (address.encode(), mark.hex().encode()))
+            self.channel.sendall(b"failed %s\n" % mark.hex().encode())
             return float(self.channel.recv(64).decode())  # one short line: the delay
         except (OSError, ValueError):
             return local
@@ -255,7 +304,7 @@ class SharedThrottle(LoginThrottle):
     def succeeded(self, address):
         super().succeeded(address)
         try:
-            self.channel.sendall(b"succeeded %s\n" % address.encode())
+            self.channel.sendall(b"succeeded\n")
         except OSError:
             pass
 

@@ -2,6 +2,7 @@
 runs it), the identity of the process serving each session read from
 /proc/PID/status, with system accounts made for the test."""
 
+import contextlib
 import grp
 import os
 import pwd
@@ -126,6 +127,90 @@ def test_a_session_process_does_its_blocking_work_on_its_one_thread(tmp_path):
         assert threads == "1"
         assert w.cmd("QUIT").startswith(b"+OK")
     assert (tmp_path / "spool" / "vera").read_bytes() == mbox(b"Subject: two\n\nsecond\n")
+
+
+def listener_log(server):
+    server.stop()
+    return server.proc.stderr.read().decode(errors="replace")
+
+
+def test_a_lying_session_process_cannot_hurt_the_listener(tmp_path, test_modules):
+    """A session process runs as a mailbox's user and serves a client that
+    may be hostile: what it tells the listener is checked, and counts only
+    for its own client's address."""
+    conf = write_site(tmp_path, {}, {"vera": SPOOL})
+    text = open(conf).read().replace("auth_module auth_file", f"auth_module {test_modules['lying_auth']}")
+    open(conf, "w").write("\n".join(line for line in text.splitlines() if "passwd_file" not in line) + "\n")
+    with Spawned(conf) as server:
+        for lie in range(3):
+            w = Wire(server.port)
+            w.cmd("USER liar-%d" % lie)
+            assert w.cmd("PASS x").startswith(b"-ERR [AUTH]")  # its own copy of the delays decided
+            assert server.proc.poll() is None
+            w.login("vera", "pw")  # a login in the same session: the listener is not asked
+        w = Wire(server.port)
+        w.login("vera", "pw")
+        assert w.cmd("STAT").startswith(b"+OK 2 ")
+        assert w.cmd("QUIT").startswith(b"+OK")
+        log = listener_log(server)
+    assert log.count("malformed report") == 3, log
+    assert "Traceback" not in log
+
+
+@contextlib.contextmanager
+def process_limit(pid, limit):
+    """Move process `pid` into a pids cgroup of its own allowing `limit`
+    tasks (root is held to it too); yields a function to change the limit."""
+    base = "/sys/fs/cgroup/pids" if os.path.isdir("/sys/fs/cgroup/pids") else "/sys/fs/cgroup"
+    if base == "/sys/fs/cgroup":  # cgroup v2: the controller must be on for children
+        with open(f"{base}/cgroup.subtree_control", "w") as f:
+            f.write("+pids")
+    group = f"{base}/mpop3-test-{os.getpid()}"
+    os.mkdir(group)
+
+    def set_limit(n):
+        with open(f"{group}/pids.max", "w") as f:
+            f.write(str(n))
+
+    try:
+        set_limit(limit)
+        with open(f"{group}/cgroup.procs", "w") as f:
+            f.write(str(pid))
+        yield set_limit
+    finally:  # every process back (its session processes too), then the group away
+        deadline = time.monotonic() + 10
+        while True:
+            for task in open(f"{group}/cgroup.procs").read().split():
+                with contextlib.suppress(OSError):  # it may have ended
+                    with open(f"{base}/cgroup.procs", "w") as f:
+                        f.write(task)
+            try:
+                os.rmdir(group)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def test_a_session_process_that_cannot_start_is_refused_and_the_listener_goes_on(tmp_path):
+    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})
+    with Spawned(conf) as server:
+        deadline = time.monotonic() + 5
+        while children(server.proc.pid):  # the start-up check's session ends
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with process_limit(server.proc.pid, 1) as set_limit:  # the listener alone: fork fails
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                assert sock.recv(200) == b"-ERR [SYS/TEMP] no session can be started now, try again later\r\n"
+                assert sock.recv(200) == b""
+            assert server.proc.poll() is None
+            set_limit(10)
+            w = Wire(server.port)
+            w.login("vera", "pw")
+            assert w.cmd("STAT").startswith(b"+OK 2 ")
+            assert w.cmd("QUIT").startswith(b"+OK")
+        assert "cannot start a session process: Resource temporarily unavailable" in listener_log(server)
 
 
 def test_rule1_a_spool_of_another_owner_is_refused(tmp_path):
