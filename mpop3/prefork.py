@@ -4,7 +4,8 @@ One CPython process runs Python on one core at a time, and the storage
 work in its worker threads competes with its event loop for the GIL; a few
 processes, each with its own SO_REUSEPORT sockets, use every core (nginx's worker
 processes). The parent binds, forks the workers, passes SIGTERM, SIGINT
-and SIGHUP on to them, and starts a new one if one dies. Each worker is a
+and SIGHUP on to them, and starts a new one if one dies (and, if the
+system will not let it fork, tries again every RESPAWN_PAUSE). Each worker is a
 complete server with its own sessions; max_sessions counts the sessions
 of all of them (SessionTally), while max_sessions_per_ip, the failed-login
 delays and LOGIN-DELAY are counted per process.
@@ -54,13 +55,31 @@ def supervise(conf, tables, socket_sets, serve):
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     tally = SessionTally(len(socket_sets))
     workers = {}  # pid -> (start time, slot: its sockets and tally entry)
-    for slot in range(len(socket_sets)):
-        workers[spawn(conf, tables, socket_sets[slot], serve, tally, slot)] = (time.monotonic(), slot)
+    unstarted = list(range(len(socket_sets)))  # slots whose worker is to be (re)started
+
+    def start_workers():
+        for slot in list(unstarted):
+            try:
+                pid = spawn(conf, tables, socket_sets[slot], serve, tally, slot)
+            except OSError as e:  # EAGAIN (a process limit), ENOMEM: later
+                log.error("cannot start a server process: %s; trying again in %g s", e.strerror, RESPAWN_PAUSE)
+                return
+            workers[pid] = (time.monotonic(), slot)
+            unstarted.remove(slot)
+
+    start_workers()
     log.info("started %d server processes: %s", len(workers), " ".join(map(str, workers)))
     stopping = False
     failed = False
-    while workers:
-        signum = signal.sigwaitinfo(SIGNALS).si_signo
+    while workers or (unstarted and not stopping):
+        if unstarted and not stopping:
+            info = signal.sigtimedwait(SIGNALS, RESPAWN_PAUSE)
+            if info is None:  # the pause is over: try again
+                start_workers()
+                continue
+        else:
+            info = signal.sigwaitinfo(SIGNALS)
+        signum = info.si_signo
         if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             stopping = stopping or signum != signal.SIGHUP
             for pid in workers:
@@ -78,7 +97,8 @@ def supervise(conf, tables, socket_sets, serve):
             log.error("server process %d ended unexpectedly (exit code %d); starting another", pid, code)
             if time.monotonic() - started < RESPAWN_PAUSE:
                 time.sleep(RESPAWN_PAUSE)
-            workers[spawn(conf, tables, socket_sets[slot], serve, tally, slot)] = (time.monotonic(), slot)
+            unstarted.append(slot)
+            start_workers()
     log.info("all server processes stopped")
     return 1 if failed else 0
 

@@ -2,7 +2,6 @@
 runs it), the identity of the process serving each session read from
 /proc/PID/status, with system accounts made for the test."""
 
-import contextlib
 import grp
 import os
 import pwd
@@ -15,6 +14,7 @@ import time
 import pytest
 
 from pop_server import SAFE_USER, Spawned, Wire, mbox, served_as_safe_user, write_site
+from process_limits import children, process_limit
 from system_users import system_user
 
 MAIL_GID = grp.getgrnam("mail").gr_gid
@@ -31,20 +31,6 @@ def identity(pid):
     """(uids, gids, groups) of a process, as the kernel has them."""
     fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
     return (fields["Uid"].split(), fields["Gid"].split(), fields["Groups"].split())
-
-
-def children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 def session_pid(server):
@@ -155,42 +141,6 @@ def test_a_lying_session_process_cannot_hurt_the_listener(tmp_path, test_modules
         log = listener_log(server)
     assert log.count("malformed report") == 3, log
     assert "Traceback" not in log
-
-
-@contextlib.contextmanager
-def process_limit(pid, limit):
-    """Move process `pid` into a pids cgroup of its own allowing `limit`
-    tasks (root is held to it too); yields a function to change the limit."""
-    base = "/sys/fs/cgroup/pids" if os.path.isdir("/sys/fs/cgroup/pids") else "/sys/fs/cgroup"
-    if base == "/sys/fs/cgroup":  # cgroup v2: the controller must be on for children
-        with open(f"{base}/cgroup.subtree_control", "w") as f:
-            f.write("+pids")
-    group = f"{base}/mpop3-test-{os.getpid()}"
-    os.mkdir(group)
-
-    def set_limit(n):
-        with open(f"{group}/pids.max", "w") as f:
-            f.write(str(n))
-
-    try:
-        set_limit(limit)
-        with open(f"{group}/cgroup.procs", "w") as f:
-            f.write(str(pid))
-        yield set_limit
-    finally:  # every process back (its session processes too), then the group away
-        deadline = time.monotonic() + 10
-        while True:
-            for task in open(f"{group}/cgroup.procs").read().split():
-                with contextlib.suppress(OSError):  # it may have ended
-                    with open(f"{base}/cgroup.procs", "w") as f:
-                        f.write(task)
-            try:
-                os.rmdir(group)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
 
 def test_a_session_process_that_cannot_start_is_refused_and_the_listener_goes_on(tmp_path):

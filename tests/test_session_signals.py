@@ -6,6 +6,7 @@ import signal
 import time
 
 from pop_server import Spawned, Wire, mbox, write_site
+from process_limits import children, process_limit
 
 from mpop3 import replies
 
@@ -103,6 +104,42 @@ def test_sighup_reloads_safe_settings(tmp_path):
 
 def greeting_pid(w):
     return int(w.greeting.split(b"<")[1].split(b".")[0])
+
+
+def test_a_server_process_that_cannot_be_restarted_is_tried_again(tmp_path):
+    conf = site(tmp_path, {"processes": "2"})
+    with open(conf, "a") as f:
+        f.write("> mailbox_user any\n")
+    with Spawned(conf) as server:
+        wait_for(lambda: len(children(server.proc.pid)) == 2)
+        survivor, victim = children(server.proc.pid)
+        with process_limit(server.proc.pid, 1) as set_limit:  # the parent alone: fork fails
+            os.kill(victim, signal.SIGKILL)
+            time.sleep(2.5)  # the replacement is refused at least twice
+            assert server.proc.poll() is None and children(server.proc.pid) == [survivor]
+            # still serving (a connection the kernel gives the victim's sockets waits for its replacement)
+            assert survivor in {greeting_pid(w) for w in answering(server.port, tries=20)}
+            set_limit(20)
+            wait_for(lambda: len(children(server.proc.pid)) == 2)
+        assert server.stop() == 0
+        log = server.proc.stderr.read().decode(errors="replace")
+    assert log.count("cannot start a server process: Resource temporarily unavailable; trying again") >= 2, log
+
+
+def answering(port, tries):
+    """Wire connections that got a greeting within half a second."""
+    for _ in range(tries):
+        try:
+            yield Wire(port, timeout=0.5)
+        except TimeoutError:
+            continue
+
+
+def wait_for(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 def test_several_server_processes_share_the_sockets(tmp_path):

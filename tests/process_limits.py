@@ -1,0 +1,57 @@
+"""Processes of a server under test: its children, and a limit on how
+many it may have (a pids cgroup: fork then fails with EAGAIN, root or not)."""
+
+import contextlib
+import os
+import time
+
+
+def children(pid):
+    """The pids of the processes whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@contextlib.contextmanager
+def process_limit(pid, limit):
+    """Move process `pid` into a pids cgroup of its own allowing `limit`
+    tasks (root is held to it too); yields a function to change the limit."""
+    base = "/sys/fs/cgroup/pids" if os.path.isdir("/sys/fs/cgroup/pids") else "/sys/fs/cgroup"
+    if base == "/sys/fs/cgroup":  # cgroup v2: the controller must be on for children
+        with open(f"{base}/cgroup.subtree_control", "w") as f:
+            f.write("+pids")
+    group = f"{base}/mpop3-test-{os.getpid()}"
+    os.mkdir(group)
+
+    def set_limit(n):
+        with open(f"{group}/pids.max", "w") as f:
+            f.write(str(n))
+
+    try:
+        set_limit(limit)
+        with open(f"{group}/cgroup.procs", "w") as f:
+            f.write(str(pid))
+        yield set_limit
+    finally:  # every process back (its session processes too), then the group away
+        deadline = time.monotonic() + 10
+        while True:
+            for task in open(f"{group}/cgroup.procs").read().split():
+                with contextlib.suppress(OSError):  # it may have ended
+                    with open(f"{base}/cgroup.procs", "w") as f:
+                        f.write(task)
+            try:
+                os.rmdir(group)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
