@@ -188,13 +188,13 @@ def wait_listening(port):
 
 
 def cpu_seconds(pid):
-    """User + system CPU of a process, its threads and its live child
-    processes (children that already ended are not counted)."""
+    """User + system CPU of a process, its threads, its live child
+    processes and the ended ones it has waited for (session processes)."""
     total = 0.0
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = sum(int(n) for n in fields[11:15]) / os.sysconf("SC_CLK_TCK")
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 total += sum(cpu_seconds(int(child)) for child in f.read().split())
@@ -358,7 +358,8 @@ def test_process_per_session(site, capsys):
     rate, shared_rate = ours["sessions"] / ours["seconds"], shared["sessions"] / shared["seconds"]
     report(site, capsys, f"login 32 clients, {model}: {rate:6.0f} sessions/s (target >= 1,000); "
            f"shared process {shared_rate:6.0f}/s, ratio {rate / shared_rate:.2f}; CPU: server "
-           f"{ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores")
+           f"{ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores; server CPU per session "
+           f"{1e3 * ours['server_cpu'] / rate:.2f} ms, shared {1e3 * shared['server_cpu'] / shared_rate:.2f} ms")
     if "dovecot-per-session" in site:  # its default: a login and a mail process per session
         time.sleep(0.3)
         theirs = measure(site, "dovecot-per-session", "login", 32, "user4%02d")
