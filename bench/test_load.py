@@ -203,6 +203,14 @@ def cpu_seconds(pid):
     return total
 
 
+def minor_faults(pid):
+    """Page faults (minor) of a process and of the children it has waited
+    for: with a process per session, mostly pages copied on write."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[7]) + int(fields[8])
+
+
 def pss_kib(pid):
     """PSS of a process and all its descendants (whatever the process model)."""
     total = 0
@@ -227,9 +235,10 @@ def loadgen(mode, port, clients, seconds, userfmt, tls=False):
 
 def measure(site, target, mode, clients, userfmt):
     proc, port = site[target]
-    before = cpu_seconds(proc.pid)
+    before, faults = cpu_seconds(proc.pid), minor_faults(proc.pid)
     r = loadgen(mode, port, clients, SECONDS, userfmt, tls=target.endswith("-tls"))
     r["server_cpu"] = (cpu_seconds(proc.pid) - before) / r["seconds"]
+    r["faults"] = minor_faults(proc.pid) - faults
     r["loadgen_cpu"] = r["cpu"] / r["seconds"]
     assert r["errors"] == 0, (target, mode, r)
     return r
@@ -359,7 +368,9 @@ def test_process_per_session(site, capsys):
     report(site, capsys, f"login 32 clients, {model}: {rate:6.0f} sessions/s (target >= 1,000); "
            f"shared process {shared_rate:6.0f}/s, ratio {rate / shared_rate:.2f}; CPU: server "
            f"{ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores; server CPU per session "
-           f"{1e3 * ours['server_cpu'] / rate:.2f} ms, shared {1e3 * shared['server_cpu'] / shared_rate:.2f} ms")
+           f"{1e3 * ours['server_cpu'] / rate:.2f} ms, shared {1e3 * shared['server_cpu'] / shared_rate:.2f} ms; "
+           f"page faults per session {ours['faults'] / ours['sessions']:.0f}, "
+           f"shared {shared['faults'] / shared['sessions']:.1f}")
     if "dovecot-per-session" in site:  # its default: a login and a mail process per session
         time.sleep(0.3)
         theirs = measure(site, "dovecot-per-session", "login", 32, "user4%02d")
