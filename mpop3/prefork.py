@@ -4,9 +4,9 @@ One CPython process runs Python on one core at a time, and the storage
 work in its worker threads competes with its event loop for the GIL; a few
 processes, each with its own SO_REUSEPORT sockets, use every core (nginx's worker
 processes). The parent binds, forks the workers, passes SIGTERM, SIGINT
-and SIGHUP on to them, and starts a new one if one dies (and, if the
-system will not let it fork, tries again every RESPAWN_PAUSE). Each worker is a
-complete server with its own sessions; max_sessions counts the sessions
+and SIGHUP on to them, and starts a new one if one dies (if the system
+will not let it fork, it tries again every RESPAWN_PAUSE). Each worker is
+a complete server with its own sessions; max_sessions counts the sessions
 of all of them (SessionTally), while max_sessions_per_ip, the failed-login
 delays and LOGIN-DELAY are counted per process.
 """

@@ -78,7 +78,6 @@ class SessionIdentities:
     The fixed identity is looked up once, where this is made (the listener,
     before any session process exists): that also loads the name service's
     modules there, which each session process would otherwise load again.
-    KeyError if that user does not exist.
     """
 
     def __init__(self, plan, values):

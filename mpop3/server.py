@@ -469,11 +469,7 @@ def run(conf, tables, stdin_mode=False):
     bind(), or after each login in a process of the session's own.
     """
     plan = privilege_plan(tables, stdin_mode)
-    try:
-        before_open = after_login_switch(plan, conf)
-    except KeyError as e:
-        log.error("cannot switch users after login: no user %s", e)
-        return 1
+    before_open = after_login_switch(plan, conf)
     if stdin_mode:
         if plan is not None and plan.when == privs.AT_ONCE and not switch_or_log(safe_identity(conf)):
             return 1
@@ -530,8 +526,8 @@ def switch_or_log(who):
 
 def after_login_switch(plan, conf):
     """The session's before_open hook for rules 1 and 2: become the
-    mailbox's user (or safe_user) before the mailbox is opened.
-    KeyError if the fixed user (safe_user, mail_owner) has gone."""
+    mailbox's user (or safe_user) before the mailbox is opened. The
+    configuration has checked that safe_user and mail_owner exist."""
     if plan is None or plan.when != privs.AFTER_AUTH:
         return None
     identities = privs.SessionIdentities(plan, conf.values)

@@ -122,8 +122,8 @@ def listener_log(server):
 
 def test_a_lying_session_process_cannot_hurt_the_listener(tmp_path, test_modules):
     """A session process runs as a mailbox's user and serves a client that
-    may be hostile: what it tells the listener is checked, and counts only
-    for its own client's address."""
+    may be hostile: what it tells the listener (the root process) is
+    checked; a lie is logged and ends the listener's attention to it."""
     conf = write_site(tmp_path, {}, {"vera": SPOOL})
     text = open(conf).read().replace("auth_module auth_file", f"auth_module {test_modules['lying_auth']}")
     open(conf, "w").write("\n".join(line for line in text.splitlines() if "passwd_file" not in line) + "\n")
@@ -133,7 +133,7 @@ def test_a_lying_session_process_cannot_hurt_the_listener(tmp_path, test_modules
             w.cmd("USER liar-%d" % lie)
             assert w.cmd("PASS x").startswith(b"-ERR [AUTH]")  # its own copy of the delays decided
             assert server.proc.poll() is None
-            w.login("vera", "pw")  # a login in the same session: the listener is not asked
+            w.login("vera", "pw")  # the session itself goes on
         w = Wire(server.port)
         w.login("vera", "pw")
         assert w.cmd("STAT").startswith(b"+OK 2 ")
