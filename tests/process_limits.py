@@ -21,6 +21,13 @@ def children(pid):
     return found
 
 
+def wait_for(condition, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def process_limit(pid, limit):
     """Move process `pid` into a pids cgroup of its own allowing `limit`

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pop_server import SAFE_USER, Spawned, Wire, mbox, served_as_safe_user, write_site
-from process_limits import children, process_limit
+from process_limits import children, process_limit, wait_for
 from system_users import system_user
 
 MAIL_GID = grp.getgrnam("mail").gr_gid
@@ -146,10 +146,7 @@ def test_a_lying_session_process_cannot_hurt_the_listener(tmp_path, test_modules
 def test_a_session_process_that_cannot_start_is_refused_and_the_listener_goes_on(tmp_path):
     conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})
     with Spawned(conf) as server:
-        deadline = time.monotonic() + 5
-        while children(server.proc.pid):  # the start-up check's session ends
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for(lambda: not children(server.proc.pid))  # the start-up check's session ends
         with process_limit(server.proc.pid, 1) as set_limit:  # the listener alone: fork fails
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
                 assert sock.recv(200) == b"-ERR [SYS/TEMP] no session can be started now, try again later\r\n"

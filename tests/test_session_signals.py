@@ -6,7 +6,7 @@ import signal
 import time
 
 from pop_server import Spawned, Wire, mbox, write_site
-from process_limits import children, process_limit
+from process_limits import children, process_limit, wait_for
 
 from mpop3 import replies
 
@@ -133,13 +133,6 @@ def answering(port, tries):
             yield Wire(port, timeout=0.5)
         except TimeoutError:
             continue
-
-
-def wait_for(condition, seconds=10):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
 
 
 def test_several_server_processes_share_the_sockets(tmp_path):
