@@ -43,9 +43,9 @@ install: build
 	    $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(DATADIR)/include
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps --upgrade \
 	    --target $(DESTDIR)$(PYLIBDIR) $$($(VPY) -m pip freeze | grep -iE '^(uvloop|cython)==')
-	install -m 644 mpop3/*.py $(DESTDIR)$(PYLIBDIR)/mpop3/
-	install -m 755 mpop3/*.so $(DESTDIR)$(PYLIBDIR)/mpop3/ 2>/dev/null || true
-	install -m 644 mpop3/include/*.pxi $(DESTDIR)$(PYLIBDIR)/mpop3/include/
+	find mpop3 -name '*.py' -o -name '*.pxd' -o -name '*.pxi' | while read f; do \
+	    install -D -m 644 $$f $(DESTDIR)$(PYLIBDIR)/$$f; done
+	find mpop3 -name '*.so' | while read f; do install -D -m 755 $$f $(DESTDIR)$(PYLIBDIR)/$$f; done
 	install -m 644 mpop3/include/*.pxi $(DESTDIR)$(DATADIR)/include/
 	printf '%s\n' '"""Written by make install: where this copy of mpop3 finds its files."""' \
 	    'CONFIG_FILE = "$(SYSCONFDIR)/mpop3.conf"' 'MODULE_DIR = "$(MODDIR)"' \
@@ -83,8 +83,9 @@ run: build
 	$(VPY) tools/demo.py
 
 clean:
-	rm -rf build mpop3/*.c mpop3/*.so mpop3/*.html modules/*.c modules/*.so modules/*.html \
+	rm -rf build modules/*.c modules/*.so modules/*.html \
 	    demo .pytest_cache .benchmarks *.egg-info
+	find mpop3 \( -name '*.c' -o -name '*.so' -o -name '*.html' \) -delete
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
