@@ -3,7 +3,8 @@ against their plain-Python twin, on a pipelined burst of typical commands."""
 
 import pytest
 
-from mpop3 import _proto, proto_reference
+from mpop3.protocol import _parser as _proto
+from mpop3.protocol import parser_reference as proto_reference
 
 BURST = b"USER someone\r\nPASS secret words\r\nSTAT\r\nLIST\r\nUIDL 12\r\nRETR 12\r\nTOP 3 10\r\nDELE 12\r\nQUIT\r\n" * 20
 

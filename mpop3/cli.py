@@ -3,7 +3,8 @@
 import argparse
 import sys
 
-from . import __version__, config, loader, log, paths, tls
+from . import __version__, config, loader, log, paths
+from .server import tls
 from .errors import ConfigError
 
 USAGE = "mpop3 [-c CONFIG] [-s] [-l ADDR:PORT]... [-d] [--check-config] [--version] [--help]"
@@ -46,9 +47,9 @@ def main(argv=None):
     if args.check_config:
         print_check(conf, tables)
         return 0
-    from . import server
+    from .server import models
 
-    return server.run(conf, tables, stdin_mode=args.stdin)
+    return models.run(conf, tables, stdin_mode=args.stdin)
 
 
 def tls_context(conf):

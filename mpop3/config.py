@@ -5,12 +5,16 @@ DIRECTIVES below; README.md and the shipped mpop3.conf document each one.
 Errors are ConfigError("FILE:LINE", what is wrong), one line, no traceback.
 """
 
+import dataclasses
 import ipaddress
+import logging
 import os
 from dataclasses import dataclass, field
 
 from . import paths
 from .errors import ConfigError
+
+log = logging.getLogger("mpop3.server")
 
 # --- value readers: each takes the text after the directive name ---------
 
@@ -87,7 +91,7 @@ def text_value(text):
 
 def unprivileged_user(text):
     """A system user that exists and is not root (safe_user, mail_owner)."""
-    from .privs import check_safe_user
+    from .server.privs import check_safe_user
 
     problem = check_safe_user(text)
     if problem:
@@ -124,6 +128,7 @@ class Directive:
     read: object  # text -> value; raises ValueError with a readable message
     default: object
     repeatable: bool = False
+    reloadable: bool = False  # a SIGHUP applies a new value; others need a restart
 
 
 DIRECTIVES = {
@@ -135,35 +140,40 @@ DIRECTIVES = {
         Directive("syslog_facility", one_of("mail", "daemon", "auth", "user",
                                             *(f"local{i}" for i in range(8))), "mail"),
         Directive("syslog_socket", path, "/dev/log"),
-        Directive("log_level", one_of("debug", "info", "warning", "error"), "info"),
-        # protocol limits and timing (the session, mpop3/session.py)
-        Directive("max_line_length", line_length, 512),
-        Directive("max_bad_commands", positive_int, 20),
-        Directive("max_login_failures", positive_int, 3),
-        Directive("login_fail_delay", seconds, 2.0),
-        Directive("login_fail_delay_max", seconds, 15.0),
-        Directive("idle_timeout", seconds, 600.0),
-        Directive("max_sessions", positive_int, 1000),
-        Directive("max_sessions_per_ip", positive_int, 32),
-        Directive("shutdown_grace", seconds, 10.0),
+        Directive("log_level", one_of("debug", "info", "warning", "error"), "info", reloadable=True),
+        # protocol limits and timing (the sessions, mpop3/protocol/core.py)
+        Directive("max_line_length", line_length, 512, reloadable=True),
+        Directive("max_bad_commands", positive_int, 20, reloadable=True),
+        Directive("max_login_failures", positive_int, 3, reloadable=True),
+        Directive("login_fail_delay", seconds, 2.0, reloadable=True),
+        Directive("login_fail_delay_max", seconds, 15.0, reloadable=True),
+        Directive("idle_timeout", seconds, 600.0, reloadable=True),
+        Directive("max_sessions", positive_int, 1000, reloadable=True),
+        Directive("max_sessions_per_ip", positive_int, 32, reloadable=True),
+        Directive("shutdown_grace", seconds, 10.0, reloadable=True),
         Directive("worker_threads", positive_int, 8),
         Directive("processes", process_count, process_count("auto")),
-        Directive("login_delay", whole_number, 0),
-        Directive("expire", expire_policy, None),
-        Directive("implementation", text_value, None),
-        # TLS and the cleartext policy (mpop3/tls.py)
+        Directive("login_delay", whole_number, 0, reloadable=True),
+        Directive("state_dir", path, "/var/lib/mpop3"),
+        Directive("expire", expire_policy, None, reloadable=True),
+        Directive("implementation", text_value, None, reloadable=True),
+        # TLS and the cleartext policy (mpop3/server/tls.py); a SIGHUP
+        # re-reads the certificate and key into the running context (tls.reload)
         Directive("listen_tls", listen_address, [], repeatable=True),
-        Directive("tls_cert", path, None),
-        Directive("tls_key", path, None),
-        Directive("tls_min_version", one_of("1.2", "1.3"), "1.2"),
-        Directive("tls_ciphers", text_value, None),
-        Directive("plaintext_auth", one_of("no", "yes", "loopback"), "loopback"),
-        # privileges (mpop3/privs.py): who mpop3 becomes when started as root
+        Directive("tls_cert", path, None, reloadable=True),
+        Directive("tls_key", path, None, reloadable=True),
+        Directive("tls_min_version", one_of("1.2", "1.3"), "1.2", reloadable=True),
+        Directive("tls_ciphers", text_value, None, reloadable=True),
+        Directive("plaintext_auth", one_of("no", "yes", "loopback"), "loopback", reloadable=True),
+        # privileges (mpop3/server/privs.py): who mpop3 becomes when started as root
         Directive("safe_user", unprivileged_user, "nobody"),
         Directive("mail_group", group_name, "mail"),
         Directive("mail_owner", unprivileged_user, None),
     ]
 }
+RELOADABLE = tuple(name for name, d in DIRECTIVES.items() if d.reloadable)
+# changed in the file, these are only noted at a reload: they need a restart
+RESTART_NEEDED = ("listen_tls", "worker_threads", "processes")
 
 MODULE_DIRECTIVES = {"auth_module": "auth", "storage_module": "storage"}
 
@@ -278,3 +288,26 @@ def resolve_module_file(file, module_dir):
         if os.path.exists(candidate):
             return candidate
     return os.path.join(module_dir, file + ".so")
+
+
+def reload(running):
+    """SIGHUP, in every process model: the running configuration with the
+    reloadable values of the file as it is now. Changes that need a restart
+    are logged and not applied. None if the file cannot be used (logged;
+    the running configuration stays)."""
+    try:
+        new = load(running.path)
+    except Exception as e:  # ConfigError, or anything a broken file causes
+        log.error("reload failed, keeping the running configuration: %s", e)
+        return None
+    if new.values["listen"] != running.file_listen:
+        log.warning("reload: listen addresses changed; that needs a restart")
+    if [(m.kind, m.file, m.settings) for m in new.modules] != [(m.kind, m.file, m.settings) for m in running.modules]:
+        log.warning("reload: module lines changed; that needs a restart")
+    for name in RESTART_NEEDED:
+        if new.values[name] != running.values[name]:
+            log.warning("reload: %s changed; that needs a restart", name)
+    merged = dataclasses.replace(running, values=dict(running.values))
+    for name in RELOADABLE:
+        merged.values[name] = new.values[name]
+    return merged

@@ -1,7 +1,7 @@
 """Exceptions shared by the core and the modules.
 
-Modules raise these to tell the core what to answer; the session maps them
-to POP3 response codes (RFC 2449, RFC 3206) in one place.
+Modules raise these to tell the core what to answer; replies.error_reply()
+maps them to POP3 response codes (RFC 2449, RFC 3206) in one place.
 """
 
 
@@ -21,26 +21,26 @@ class ModuleInitError(Exception):
 class StorageError(Exception):
     """Base of the storage failures a client is told about."""
 
-    code = "SYS/PERM"
-
 
 class StorageTempError(StorageError):
     """A failure that may go away: answer -ERR [SYS/TEMP]."""
-
-    code = "SYS/TEMP"
 
 
 class StoragePermError(StorageError):
     """A failure that will not go away by retrying: answer -ERR [SYS/PERM]."""
 
-    code = "SYS/PERM"
-
 
 class MailboxInUse(StorageError):
     """Another session holds the mailbox: answer -ERR [IN-USE]."""
 
-    code = "IN-USE"
-
 
 class LoginDelay(Exception):
     """The user logged in too recently: answer -ERR [LOGIN-DELAY]."""
+
+
+class LoginFailed(Exception):
+    """Credentials did not check out (unknown user or wrong password)."""
+
+
+class BadMailboxName(Exception):
+    """An auth module gave a mailbox name that is not safe as a file name."""

@@ -33,3 +33,10 @@ def setup(config, debug=False, force_stderr=False):
         level = max(level, logging.WARNING)
     root.setLevel(logging.DEBUG if debug else level)
     return root
+
+
+def reload_level(running, new):
+    """SIGHUP: a changed log_level applies at once; an unchanged one leaves
+    the level as it is (so -d's debug stays)."""
+    if new.values["log_level"] != running.values["log_level"]:
+        logging.getLogger("mpop3").setLevel(LEVELS[new.values["log_level"]])

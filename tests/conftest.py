@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mpop3 import privs
+from mpop3.server import privs
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_MODULE_SOURCES = os.path.join(TREE, "tests", "modules")

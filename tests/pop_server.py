@@ -1,6 +1,6 @@
 """Helpers for the protocol tests: servers to talk to and a raw client.
 
-- ServerThread: the real Server (mpop3/server.py) on uvloop in a thread,
+- ServerThread: the real Service (mpop3/server/service.py) on uvloop in a thread,
   with function tables the test builds (in-memory storage, a dict of users);
 - spawn(): the real `mpop3` command in a subprocess, with auth_file and
   storage_mbox on files in a temporary directory (for the real clients);
@@ -21,7 +21,7 @@ import time
 from mpop3 import config, loader
 from mpop3.auth_functions import AuthFunctions
 from mpop3.errors import MailboxInUse, StorageTempError
-from mpop3.server import Server
+from mpop3.server.service import Service
 from mpop3.storage_functions import StorageFunctions
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,7 +148,7 @@ class ServerThread:
     def _run(self):
         asyncio.set_event_loop(self.loop)
         try:
-            self.server = Server(self.conf, self.tables, self.loop)
+            self.server = Service(self.conf, self.tables, self.loop)
             self.address = self.loop.run_until_complete(self.server.start_listeners())[0]
         except Exception as e:
             self.error = e
@@ -175,7 +175,7 @@ class ServerThread:
 
     def __exit__(self, *exc):
         # the test is over: no grace period for the sessions it left open
-        self.server.shared.settings.shutdown_grace = 0
+        self.server.settings.shutdown_grace = 0
         self.loop.call_soon_threadsafe(self.server.stop)
         self.thread.join(15)
 

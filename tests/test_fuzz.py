@@ -1,8 +1,9 @@
-"""Fuzzing the line parser and the session state machine (hypothesis):
-arbitrary byte streams, split at arbitrary points, fed to a real Session on
-a real uvloop loop (a recording transport instead of a socket). Nothing may
-escape, every reply must be well-formed, the state must stay consistent and
-the mailbox must be released in the end."""
+"""Fuzzing a whole connection (hypothesis): arbitrary byte streams, split
+at arbitrary points, fed to a real Connection and its core on a real uvloop
+loop (a recording transport instead of a socket), with real worker jobs.
+Nothing may escape, every reply must be well-formed, the state must stay
+consistent and the mailbox must be released in the end. (The core alone,
+without a loop, is fuzzed in tests/test_core.py.)"""
 
 import asyncio
 import logging
@@ -14,9 +15,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pop_server import make_conf, memory_tables
 
-from mpop3 import proto_reference
-from mpop3.server import Server
-from mpop3.session import AUTHORIZATION, CLOSED, TRANSACTION, UPDATE, Session
+from mpop3.protocol import parser_reference as proto_reference
+from mpop3.protocol.commands import AUTHORIZATION, CLOSED, TRANSACTION, UPDATE
+from mpop3.server.connection import Connection
+from mpop3.server.service import Service
 
 MESSAGES = [b"Subject: a\n\n.dot\nbody\n", b"Subject: b\r\n\r\nline\r\n", b"Subject: c"]
 
@@ -88,20 +90,24 @@ def harness():
     tables = memory_tables({"bob": "secret"}, {"bob": MESSAGES})
     conf = make_conf({"login_fail_delay": "0", "login_fail_delay_max": "0", "max_login_failures": "2",
                       "max_bad_commands": "5", "max_line_length": "64"})
-    server = Server(conf, tables, loop)
+    server = Service(conf, tables, loop)
     errors = Errors()
     logging.getLogger("mpop3").addHandler(errors)
     loop.set_exception_handler(lambda loop, context: errors.records.append(context))
     yield loop, server, tables, errors
     logging.getLogger("mpop3").removeHandler(errors)
-    server.shared.workers.shutdown()
+    server.workers.shutdown()
     loop.close()
+
+
+def state(session):
+    return CLOSED if session.closed else session.core.state
 
 
 def settle(loop, session):
     for _ in range(2000):
         loop.run_until_complete(asyncio.sleep(0))
-        if session.state is CLOSED or not session.busy:
+        if state(session) is CLOSED or not session.core.busy:
             return
         loop.run_until_complete(asyncio.sleep(0.001))
     raise AssertionError("the session stayed busy")
@@ -125,23 +131,23 @@ def test_any_input_split_anywhere(harness, data, cuts, hang_up, login):
     if login:  # most random streams never log in; half of them start logged in
         data = b"USER bob\r\nPASS secret\r\n" + data
     transport = RecordingTransport(loop)
-    session = Session(server.shared)
+    session = Connection(server)
     transport.session = session
     session.connection_made(transport)
     points = sorted({min(c, len(data)) for c in cuts}) + [len(data)]
     previous = 0
     for point in points:
-        if session.state is CLOSED:
+        if state(session) is CLOSED:
             break
         session.data_received(data[previous:point])
         previous = point
         settle(loop, session)
-        assert session.state in (AUTHORIZATION, TRANSACTION, UPDATE, CLOSED)
-        if session.state is TRANSACTION:
+        assert state(session) in (AUTHORIZATION, TRANSACTION, UPDATE, CLOSED)
+        if state(session) is TRANSACTION:
             event("reached TRANSACTION")
             assert session.handle is not None and "bob" in tables.storage.locked
-            assert all(0 <= i < len(session.sizes) for i in session.deleted)
-    if session.state is not CLOSED:
+            assert all(0 <= i < len(session.core.sizes) for i in session.core.deleted)
+    if state(session) is not CLOSED:
         if hang_up:
             transport.close()
         else:
@@ -149,7 +155,7 @@ def test_any_input_split_anywhere(harness, data, cuts, hang_up, login):
         settle(loop, session)
     for _ in range(5):
         loop.run_until_complete(asyncio.sleep(0))
-    assert session.state is CLOSED and transport.closed
+    assert state(session) is CLOSED and transport.closed
     assert tables.storage.locked == set(), "the mailbox was not released"
     statuses = replies_in(transport.data)
     reader = proto_reference.LineReader(64)

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from mpop3 import privs
+from mpop3.server import privs
 from mpop3.storage_functions import WU_ANY, WU_DEFAULT, WU_MAILBOX
 
 
@@ -35,7 +35,7 @@ def test_safe_user_checks():
 
 SWITCH_AND_REPORT = textwrap.dedent("""
     import json, os, sys
-    from mpop3 import privs
+    from mpop3.server import privs
     privs.switch_to(privs.identity(sys.argv[1], sys.argv[2]))
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     try:

@@ -1,5 +1,5 @@
-"""The Cython input kernels (mpop3/_proto.pyx) against their plain-Python
-twin (mpop3/proto_reference.py): the same lines, the same parses, at every
+"""The Cython input kernels (mpop3/protocol/_parser.pyx) against their plain-Python
+twin (parser_reference.py): the same lines, the same parses, at every
 split point."""
 
 import itertools
@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpop3 import _proto, proto_reference
+from mpop3.protocol import _parser as _proto
+from mpop3.protocol import parser_reference as proto_reference
 
 IMPLS = pytest.mark.parametrize("proto", [_proto, proto_reference], ids=["c", "py"])
 

@@ -3,7 +3,7 @@
 import base64
 import pytest
 
-from mpop3 import sasl
+from mpop3.protocol import sasl
 
 
 def b64(data):

@@ -12,9 +12,9 @@ import time
 import pytest
 from pop_server import ServerThread, Wire, crlf_size, memory_tables, top_form, wire_form
 
-from mpop3 import replies
+from mpop3.protocol import replies
 from mpop3.errors import MailboxInUse, StoragePermError, StorageTempError
-from mpop3 import session as session_module
+from mpop3.server import connection as connection_module
 
 MESSAGES = [
     b"From: a@example.org\nSubject: one\n\nfirst body\n.starts with a dot\n..two dots\n",
@@ -272,8 +272,8 @@ class CountingTransport:
 
 def test_pipelined_commands_are_answered_in_one_write(tables, monkeypatch):
     writes = []
-    made = session_module.Session.connection_made
-    monkeypatch.setattr(session_module.Session, "connection_made",
+    made = connection_module.Connection.connection_made
+    monkeypatch.setattr(connection_module.Connection, "connection_made",
                         lambda self, t: made(self, CountingTransport(t, writes)))
     with ServerThread(tables) as s:
         w = Wire(s.port)
@@ -534,7 +534,7 @@ def test_retr_streams_with_back_pressure(tables):
 def test_sessions_use_tcp_nodelay(server):
     """Without TCP_NODELAY a reply written in two pieces stalls ~40 ms."""
     w = logged_in(server)
-    sessions = server.call(lambda: list(server.server.shared.sessions))
+    sessions = server.call(lambda: list(server.server.connections))
     options = server.call(lambda: [s.transport.get_extra_info("socket").getsockopt(
         socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sessions])
     assert options == [1]
@@ -557,7 +557,7 @@ def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory(tables):
         except BlockingIOError:
             pass
         time.sleep(0.5)
-        buffered = s.call(lambda: [x.transport.get_write_buffer_size() for x in s.server.shared.sessions])
+        buffered = s.call(lambda: [x.transport.get_write_buffer_size() for x in s.server.connections])
         assert buffered and max(buffered) < 512 * 1024, buffered
         sock.setblocking(True)
         sock.settimeout(10)

@@ -8,7 +8,7 @@ import time
 from pop_server import Spawned, Wire, mbox, write_site
 from process_limits import children, process_limit, wait_for
 
-from mpop3 import replies
+from mpop3.protocol import replies
 
 
 def site(tmp_path, extra=None):

@@ -26,7 +26,8 @@ from pop_server import (TREE, MemoryStorage, ServerThread, Spawned, Wire, free_p
                         write_site)
 from test_clients import EXPECTED, EXPECTED_HEADER_END, MESSAGES, as_crlf, read_dir, run, spool_bytes
 
-from mpop3 import config, loader, replies
+from mpop3 import config, loader
+from mpop3.protocol import replies
 from mpop3.auth_functions import AuthFunctions
 
 
@@ -266,7 +267,7 @@ def test_a_failed_handshake_ends_only_that_session(tls_server):
     t = start_tls(socket.create_connection(("127.0.0.1", tls_server.tls_port)), tls_server.cert)
     assert t.line().startswith(b"+OK mpop3 ready")
     t.login("bob", "secret")
-    assert tls_server.call(lambda: len(tls_server.server.shared.sessions)) == 1
+    assert tls_server.call(lambda: len(tls_server.server.connections)) == 1
 
 
 def test_tls_min_version_1_3_refuses_1_2(certificate):

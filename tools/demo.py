@@ -65,7 +65,7 @@ def serve_as_safe_user():
     safe_user, nobody: give it the spool, and a way to it and to Python."""
     import pwd
 
-    from mpop3 import privs
+    from mpop3.server import privs
 
     nobody = pwd.getpwnam("nobody")
     spool = os.path.join(DEMO, "spool")

@@ -5,64 +5,71 @@ Two kernels, both plain functions of bytes with no I/O and no logging:
 - LineReader splits whatever the socket delivers into lines, at any split
   point, accepting CRLF and bare LF (popa3d's one relaxation), and reports
   an over-long line once (TOO_LONG) instead of growing without bound.
-- parse_command() turns one line into (command, arg1, arg2): the verb is
+- parse_command() turns one line into (command id, arg1, arg2): the verb is
   matched case-insensitively, the arguments are checked strictly (message
   numbers overflow-checked: `LIST 4294967297` is an error, never message 1;
   a NUL anywhere makes the line invalid).
 
-mpop3/proto_reference.py is the plain-Python twin of this file: the same
-API and the same answers, used by the tests as the readable specification.
+The verbs, their ids and argument shapes are not written here: they are
+read from the command table (commands.py) when this module is imported.
+parser_reference.py is the plain-Python twin of this file: the same API and
+the same answers, used by the tests as the readable specification.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcpy
 
-# Command ids (parse_command's first item). Values > 0 are commands.
-USER = 1
-PASS = 2
-APOP = 3
-STAT = 4
-LIST = 5
-RETR = 6
-DELE = 7
-NOOP = 8
-RSET = 9
-QUIT = 10
-TOP = 11
-UIDL = 12
-CAPA = 13
-STLS = 14  # RFC 2595
-AUTH = 15  # RFC 5034: AUTH mechanism [initial-response]
-# Parse failures (first item <= 0):
+from .commands import COMMANDS, MAX_MSG_NUMBER, TOP_ALL, Args
+
+# parse_command's first item: a command id (> 0), or one of these
 UNKNOWN = 0  # not a command we know, or a NUL in the line
 BAD_ARGS = -1  # a known command with wrong arguments; arg1 is the command id
-
-NAMES = {USER: "USER", PASS: "PASS", APOP: "APOP", STAT: "STAT", LIST: "LIST", RETR: "RETR",
-         DELE: "DELE", NOOP: "NOOP", RSET: "RSET", QUIT: "QUIT", TOP: "TOP", UIDL: "UIDL",
-         CAPA: "CAPA", STLS: "STLS", AUTH: "AUTH"}
-
-# The largest message number we accept; anything longer is a syntax error
-# rather than wrapping around to a small number.
-MAX_MSG_NUMBER = 2147483647
-# TOP's line count saturates here: `TOP n 99999999...` means the whole message.
-TOP_ALL = 2147483647
-
 TOO_LONG = None  # what LineReader.feed() yields for an over-long line
 
 cdef enum ArgKind:
-    ARGS_NONE       # STAT NOOP RSET QUIT CAPA STLS
-    ARGS_WORD       # USER name
-    ARGS_REST       # PASS: everything after "PASS " (passwords may hold spaces)
-    ARGS_WORD_WORD  # APOP name digest
-    ARGS_WORD_OPT_WORD  # AUTH mechanism [initial-response]
-    ARGS_NUM        # RETR DELE
-    ARGS_OPT_NUM    # LIST UIDL
-    ARGS_NUM_COUNT  # TOP msg lines
+    ARGS_NONE
+    ARGS_WORD
+    ARGS_REST
+    ARGS_WORD_WORD
+    ARGS_WORD_OPT_WORD
+    ARGS_NUM
+    ARGS_OPT_NUM
+    ARGS_NUM_COUNT
+
+cdef enum:
+    MAX_COMMANDS = 32
+
+KINDS = {Args.NONE: ARGS_NONE, Args.WORD: ARGS_WORD, Args.REST: ARGS_REST, Args.WORD_WORD: ARGS_WORD_WORD,
+         Args.WORD_OPT_WORD: ARGS_WORD_OPT_WORD, Args.NUM: ARGS_NUM, Args.OPT_NUM: ARGS_OPT_NUM,
+         Args.NUM_COUNT: ARGS_NUM_COUNT}
+
+# The command table in C: verb i (id i + 1) is verb_keys[i], its letters
+# packed big-endian into an int, and takes arguments of shape kinds[i].
+cdef unsigned int verb_keys[MAX_COMMANDS]
+cdef ArgKind kinds[MAX_COMMANDS]
+cdef int command_count = 0
+
+
+def _load_table():
+    global command_count
+    assert len(COMMANDS) <= MAX_COMMANDS
+    for i, command in enumerate(COMMANDS):
+        assert 3 <= len(command.verb) <= 4 and command.verb.isalpha() and command.verb.isupper()
+        verb_keys[i] = int.from_bytes(command.verb.encode(), "big")
+        kinds[i] = KINDS[command.args]
+    command_count = len(COMMANDS)
+
+
+_load_table()
+NAMES = {command.id: command.verb for command in COMMANDS}
+globals().update({command.verb: command.id for command in COMMANDS})  # USER, PASS, ...
+cdef long long max_msg_number = MAX_MSG_NUMBER
+cdef long long top_all = TOP_ALL
 
 
 cdef int verb_id(const char *p, Py_ssize_t n) noexcept:
-    """The command id of a 3- or 4-letter verb, case-insensitively; 0 if none."""
+    """The command id of a verb, case-insensitively; 0 if none."""
     cdef unsigned int key = 0
     cdef Py_ssize_t i
     cdef unsigned char c
@@ -75,34 +82,10 @@ cdef int verb_id(const char *p, Py_ssize_t n) noexcept:
         elif c < c'A' or c > c'Z':
             return 0
         key = (key << 8) | c
-    if n == 3:
-        return TOP if key == 0x544F50 else 0
-    if key == 0x55534552: return USER
-    if key == 0x50415353: return PASS
-    if key == 0x41504F50: return APOP
-    if key == 0x53544154: return STAT
-    if key == 0x4C495354: return LIST
-    if key == 0x52455452: return RETR
-    if key == 0x44454C45: return DELE
-    if key == 0x4E4F4F50: return NOOP
-    if key == 0x52534554: return RSET
-    if key == 0x51554954: return QUIT
-    if key == 0x5549444C: return UIDL
-    if key == 0x43415041: return CAPA
-    if key == 0x53544C53: return STLS
-    if key == 0x41555448: return AUTH
+    for i in range(command_count):
+        if verb_keys[i] == key:
+            return <int>i + 1
     return 0
-
-
-cdef ArgKind arg_kind(int cmd) noexcept:
-    if cmd == USER: return ARGS_WORD
-    if cmd == PASS: return ARGS_REST
-    if cmd == APOP: return ARGS_WORD_WORD
-    if cmd == AUTH: return ARGS_WORD_OPT_WORD
-    if cmd == RETR or cmd == DELE: return ARGS_NUM
-    if cmd == LIST or cmd == UIDL: return ARGS_OPT_NUM
-    if cmd == TOP: return ARGS_NUM_COUNT
-    return ARGS_NONE
 
 
 cdef long long read_number(const char *p, Py_ssize_t n, long long limit, bint saturate) noexcept:
@@ -155,7 +138,7 @@ def parse_command(bytes line):
     cmd = verb_id(p, j)
     if cmd == 0:
         return (UNKNOWN, None, None)
-    kind = arg_kind(cmd)
+    kind = kinds[cmd - 1]
     if kind == ARGS_REST:
         # exactly one space after PASS; the password is the rest, spaces and all
         if j + 1 >= n:
@@ -186,18 +169,18 @@ def parse_command(bytes line):
         if i == n:
             return (cmd, None, None)
         if l == n:
-            a = read_number(p + i, k - i, MAX_MSG_NUMBER, False)
+            a = read_number(p + i, k - i, max_msg_number, False)
             if a >= 0:
                 return (cmd, a, None)
     elif kind == ARGS_NUM:
         if i < n and l == n:
-            a = read_number(p + i, k - i, MAX_MSG_NUMBER, False)
+            a = read_number(p + i, k - i, max_msg_number, False)
             if a >= 0:
                 return (cmd, a, None)
     elif kind == ARGS_NUM_COUNT:
         if l < n:
-            a = read_number(p + i, k - i, MAX_MSG_NUMBER, False)
-            b = read_number(p + l, m - l, TOP_ALL, True)
+            a = read_number(p + i, k - i, max_msg_number, False)
+            b = read_number(p + l, m - l, top_all, True)
             if a >= 0 and b >= 0:
                 return (cmd, a, b)
     return (BAD_ARGS, cmd, None)

@@ -1,26 +1,21 @@
-"""The plain-Python twin of mpop3/_proto.pyx: same API, same answers.
+"""The plain-Python twin of _parser.pyx: same API, same answers.
 
 This is the readable specification of POP3 line splitting and command
-parsing; the tests check the Cython kernels against it byte for byte.
+parsing; the tests check the Cython kernels against it byte for byte. Like
+the kernels, it takes the verbs, ids and argument shapes from the command
+table (commands.py).
 """
 
-USER, PASS, APOP, STAT, LIST, RETR, DELE, NOOP, RSET, QUIT, TOP, UIDL, CAPA, STLS, AUTH = range(1, 16)
+from .commands import COMMANDS, MAX_MSG_NUMBER, TOP_ALL, Args
+
 UNKNOWN = 0
 BAD_ARGS = -1
-
-NAMES = {USER: "USER", PASS: "PASS", APOP: "APOP", STAT: "STAT", LIST: "LIST", RETR: "RETR",
-         DELE: "DELE", NOOP: "NOOP", RSET: "RSET", QUIT: "QUIT", TOP: "TOP", UIDL: "UIDL",
-         CAPA: "CAPA", STLS: "STLS", AUTH: "AUTH"}
-VERBS = {name.encode(): cmd for cmd, name in NAMES.items()}
-
-MAX_MSG_NUMBER = 2**31 - 1
-TOP_ALL = 2**31 - 1
 TOO_LONG = None
 
-# how many arguments each command takes, and of what kind
-NONE, WORD, REST, WORD_WORD, NUM, OPT_NUM, NUM_COUNT, WORD_OPT_WORD = range(8)
-ARGS = {USER: WORD, PASS: REST, APOP: WORD_WORD, RETR: NUM, DELE: NUM, LIST: OPT_NUM,
-        UIDL: OPT_NUM, TOP: NUM_COUNT, AUTH: WORD_OPT_WORD}
+NAMES = {command.id: command.verb for command in COMMANDS}
+globals().update({command.verb: command.id for command in COMMANDS})  # USER, PASS, ...
+VERBS = {command.verb.encode(): command.id for command in COMMANDS}
+ARGS = {command.id: command.args for command in COMMANDS}
 
 
 def read_number(text, limit, saturate=False):
@@ -41,26 +36,26 @@ def parse_command(line):
     cmd = VERBS.get(verb.upper()) if verb.isalpha() and verb.isascii() else None
     if cmd is None:
         return (UNKNOWN, None, None)
-    kind = ARGS.get(cmd, NONE)
-    if kind == REST:
+    kind = ARGS[cmd]
+    if kind is Args.REST:
         return (cmd, rest, None) if rest else (BAD_ARGS, cmd, None)
     words = rest.split(b" ")
     words = [w for w in words if w]
-    if kind == NONE and not words:
+    if kind is Args.NONE and not words:
         return (cmd, None, None)
-    if kind == WORD and len(words) == 1:
+    if kind is Args.WORD and len(words) == 1:
         return (cmd, words[0], None)
-    if kind == WORD_WORD and len(words) == 2:
+    if kind is Args.WORD_WORD and len(words) == 2:
         return (cmd, words[0], words[1])
-    if kind == WORD_OPT_WORD and len(words) in (1, 2):
+    if kind is Args.WORD_OPT_WORD and len(words) in (1, 2):
         return (cmd, words[0], words[1] if len(words) == 2 else None)
-    if kind == OPT_NUM and not words:
+    if kind is Args.OPT_NUM and not words:
         return (cmd, None, None)
-    if kind in (OPT_NUM, NUM) and len(words) == 1:
+    if kind in (Args.OPT_NUM, Args.NUM) and len(words) == 1:
         n = read_number(words[0], MAX_MSG_NUMBER)
         if n >= 0:
             return (cmd, n, None)
-    if kind == NUM_COUNT and len(words) == 2:
+    if kind is Args.NUM_COUNT and len(words) == 2:
         n = read_number(words[0], MAX_MSG_NUMBER)
         lines = read_number(words[1], TOP_ALL, saturate=True)
         if n >= 0 and lines >= 0:

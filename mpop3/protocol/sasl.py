@@ -1,8 +1,9 @@
 """SASL for the POP3 AUTH command (RFC 5034): PLAIN, LOGIN and CRAM-MD5.
 
 This module only speaks the exchanges: it decodes what the client sends and
-says what to send back. Checking the credentials it extracts is the
-session's job (through the auth table), so failures count like any other.
+says what to send back. Checking the credentials it extracts is the job of
+whoever carries out the core's login action, so failures count like any
+other.
 
 An exchange is driven by `step(line)`, which returns one of
   Challenge(bytes)      send `+ <base64>` and wait for the next line;
@@ -13,6 +14,9 @@ An exchange is driven by `step(line)`, which returns one of
 import base64
 import binascii
 import hmac
+import os
+import socket
+import time
 from dataclasses import dataclass
 
 
@@ -63,11 +67,9 @@ class Exchange:
         self.mechanism = mechanism
         self.cram_challenge = cram_challenge
         self.user = None
-        self._started = False
 
     def start(self, initial_response):
         """The AUTH command itself, with or without an initial response."""
-        self._started = True
         if self.mechanism == "CRAM-MD5":
             if initial_response is not None:
                 return Failure("CRAM-MD5 takes no initial response")
@@ -118,11 +120,6 @@ def cram_md5_matches(credentials, password):
     return hmac.compare_digest(expected.encode(), credentials.digest.encode("ascii", "replace"))
 
 
-
 def new_cram_challenge():
     """A fresh CRAM-MD5 challenge, `<random.time@host>` (RFC 2195)."""
-    import os
-    import socket
-    import time
-
     return b"<%s.%d@%s>" % (os.urandom(8).hex().encode(), time.time_ns(), socket.gethostname().encode())

@@ -7,6 +7,11 @@ response codes follow RFC 2449 section 8 and RFC 3206.
 Never put exception text or class names in a reply.
 """
 
+import base64
+
+from ..errors import LoginDelay, MailboxInUse, StoragePermError, StorageTempError
+from .commands import CAPABILITIES, COMMANDS
+
 CRLF = b"\r\n"
 END = b".\r\n"  # ends a multi-line reply
 
@@ -121,30 +126,11 @@ ERR_PERM = Reply(False, b"permanent failure", "SYS/PERM")
 ERR_INTERNAL = Reply(False, b"internal error", "SYS/TEMP")
 ERR_CHANGED = Reply(False, b"mailbox changed on the server, try again later", "SYS/TEMP")
 
-USAGE = {
-    "USER": b"usage: USER name",
-    "PASS": b"usage: PASS password",
-    "APOP": b"usage: APOP name digest",
-    "STAT": b"usage: STAT",
-    "LIST": b"usage: LIST [message]",
-    "RETR": b"usage: RETR message",
-    "DELE": b"usage: DELE message",
-    "NOOP": b"usage: NOOP",
-    "RSET": b"usage: RSET",
-    "QUIT": b"usage: QUIT",
-    "TOP": b"usage: TOP message lines",
-    "UIDL": b"usage: UIDL [message]",
-    "CAPA": b"usage: CAPA",
-    "STLS": b"usage: STLS",
-    "AUTH": b"usage: AUTH mechanism [initial-response]",
-}
-ERR_USAGE = {name: Reply(False, text) for name, text in USAGE.items()}
+ERR_USAGE = {command.verb: Reply(False, b"usage: " + command.usage) for command in COMMANDS}
 
 
 def error_reply(exc):
     """The one mapping of failures to replies (RFC 2449 / RFC 3206 codes)."""
-    from .errors import LoginDelay, MailboxInUse, StoragePermError, StorageTempError
-
     if isinstance(exc, MailboxInUse):
         return ERR_IN_USE
     if isinstance(exc, LoginDelay):
@@ -158,29 +144,25 @@ def error_reply(exc):
 
 def sasl_challenge(data):
     """`+ base64` (RFC 5034 section 4); an empty challenge is `+ `."""
-    import base64
-
     return b"+ " + base64.b64encode(data) + CRLF
 
 
 def capabilities(*, uidl=True, expire=None, login_delay=0, implementation=None,
                  user=True, stls=False, sasl=()):
-    """The CAPA reply (RFC 2449 section 6): exactly what works. `user`:
-    USER/PASS is allowed; `stls`: STLS is offered; `sasl`: the mechanisms
-    AUTH accepts on this connection."""
-    lines = [b"TOP", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
-    if user:
-        lines.insert(1, b"USER")
-    if uidl:
-        lines.insert(1, b"UIDL")
-    if stls:
-        lines.append(b"STLS")
-    if sasl:
-        lines.append(b"SASL " + " ".join(sasl).encode())
-    if expire is not None:
-        lines.append(b"EXPIRE " + str(expire).upper().encode())
-    if login_delay:
-        lines.append(b"LOGIN-DELAY %d" % login_delay)
-    if implementation:
-        lines.append(b"IMPLEMENTATION " + implementation.encode("ascii", "replace"))
-    return OK_CAPA + b"".join(line + CRLF for line in lines) + END
+    """The CAPA reply (RFC 2449 section 6): exactly what works, in the order
+    of commands.CAPABILITIES. `user`: USER/PASS is allowed; `stls`: STLS is
+    offered; `sasl`: the mechanisms AUTH accepts on this connection."""
+    lines = {
+        "TOP": b"TOP",
+        "UIDL": b"UIDL" if uidl else None,
+        "USER": b"USER" if user else None,
+        "RESP-CODES": b"RESP-CODES",
+        "AUTH-RESP-CODE": b"AUTH-RESP-CODE",
+        "PIPELINING": b"PIPELINING",
+        "STLS": b"STLS" if stls else None,
+        "SASL": b"SASL " + " ".join(sasl).encode() if sasl else None,
+        "EXPIRE": b"EXPIRE " + str(expire).upper().encode() if expire is not None else None,
+        "LOGIN-DELAY": b"LOGIN-DELAY %d" % login_delay if login_delay else None,
+        "IMPLEMENTATION": b"IMPLEMENTATION " + implementation.encode("ascii", "replace") if implementation else None,
+    }
+    return OK_CAPA + b"".join(lines[name] + CRLF for name in CAPABILITIES if lines[name] is not None) + END

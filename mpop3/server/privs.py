@@ -1,4 +1,5 @@
-"""Giving up root: the C program's four rules (DESIGN section 5).
+"""Giving up root: the C program's four rules (docs/architecture.md,
+"Privileges").
 
 Started as root, mpop3 switches to an unprivileged user as early as its
 modules allow:
@@ -8,6 +9,8 @@ modules allow:
   3. else, listening on TCP: right after bind(), to safe_user;
   4. else (stdin mode): at once, to safe_user.
 Rules 1 and 2 switch per session, so they need a process per session.
+The process models (mpop3/server/models.py) ask plan_for() which rule
+applies, and switch with switch_or_log() or a session's before_open hook.
 """
 
 import grp
@@ -17,7 +20,8 @@ import pwd
 import sys
 from dataclasses import dataclass
 
-from .storage_functions import WU_ANY, WU_MAILBOX
+from ..errors import StoragePermError
+from ..storage_functions import WU_ANY, WU_MAILBOX
 
 log = logging.getLogger("mpop3.server")
 
@@ -152,3 +156,58 @@ def switch_to(who):
     if os.getresuid() != (who.uid,) * 3 or os.getresgid() != (who.gid,) * 3:
         raise PrivilegeError(f"switching to {who.name!r} left ids {os.getresuid()} {os.getresgid()}")
     log.debug("now running as %s (uid %d, gid %d, groups %s)", who.name, who.uid, who.gid, who.groups)
+
+
+# --- what the process models ask ---------------------------------------------
+
+
+def plan_for(tables, stdin_mode):
+    """The privilege rules' plan for these modules, or None when not started as root."""
+    if not running_as_root():
+        log.info("not started as root: running as uid %d, no user switching", os.geteuid())
+        return None
+    chosen = plan(tables.storage.storage_need_user(), tables.auth.auth_need_root(), stdin_mode)
+    log.info("started as root: switching users %s%s", chosen.when,
+             " to each mailbox's user" if chosen.to_mailbox_user else " to safe_user")
+    closed = python_closed_at()
+    if closed is not None:
+        log.warning("%s is closed to other users, and Python runs from under it: after giving up "
+                    "root, mpop3 may fail to import (chmod o+x %s, or use a system Python)", closed, closed)
+    return chosen
+
+
+def safe_identity(conf):
+    return identity(conf.values["safe_user"], conf.values["mail_group"])
+
+
+def switch_or_log(who):
+    """switch_to(who); False (logged) if it failed."""
+    try:
+        switch_to(who)
+    except PrivilegeError as e:
+        log.error("%s", e)
+        return False
+    return True
+
+
+def after_login_switch(chosen, conf):
+    """The session's before_open hook for rules 1 and 2: become the
+    mailbox's user (or safe_user) before the mailbox is opened. None when
+    no switch happens after login. The configuration has checked that
+    safe_user and mail_owner exist."""
+    if chosen is None or chosen.when != AFTER_AUTH:
+        return None
+    identities = SessionIdentities(chosen, conf.values)
+
+    def before_open(mailbox):
+        try:
+            who = identities.for_mailbox(mailbox)
+        except (PrivilegeError, KeyError) as e:  # nothing has changed yet
+            log.error("mailbox %s: cannot tell whom to serve it as: %s", mailbox, e)
+            raise StoragePermError() from None
+        if not switch_or_log(who):
+            # half switched is worse than not serving: end the process now
+            logging.shutdown()
+            os._exit(1)
+
+    return before_open

@@ -10,9 +10,13 @@ usable by a session served in a child process too.
 
 import functools
 import ipaddress
+import logging
 import ssl
 
+log = logging.getLogger("mpop3.server")
+
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+NO_PEER = "stdin"  # the client address of a session on pipes: local, and never TLS
 
 
 class TLSSetupError(Exception):
@@ -95,6 +99,24 @@ def describe(ssl_object):
         return "?"
     cipher = ssl_object.cipher()
     return f"{ssl_object.version()} {cipher[0] if cipher else '?'}"
+
+
+def reload(context, conf):
+    """SIGHUP: the context to use from now on. The running one, holding the
+    certificate and key of `conf` where they load: the listen_tls listeners
+    hold it and forked processes inherit it, so new sessions get the new
+    certificate, open ones keep theirs, and a bad file keeps the running one
+    (logged)."""
+    try:
+        if context is None:  # no TLS so far: STLS from now on
+            return context_from_config(conf)
+        if conf.values["tls_cert"] is None:
+            log.warning("reload: turning TLS off needs a restart")
+        else:
+            reload_into(context, conf)
+    except TLSSetupError as e:
+        log.error("reload: %s; keeping the running TLS certificate", e)
+    return context
 
 
 def reload_into(context, conf):

@@ -1,0 +1,447 @@
+"""One client connection: the asyncio Protocol that runs a session's core.
+
+The core (mpop3/protocol/core.py) decides; a Connection carries out. It
+splits the input into lines (the Cython LineReader), feeds them to the core
+strictly in order, and writes the replies to what one read delivered
+together, in few writes (pipelining, RFC 2449 section 6.6). It runs the
+core's blocking actions in workers (mpop3/server/jobs.py); while one runs,
+later lines wait their turn. It streams RETR and TOP from the storage
+module's chunks and stops while the client is not reading (pause_writing),
+so a slow client costs bounded memory. It switches to TLS, and ends the
+session on an idle timeout or at shutdown (the Service's sweep and drain).
+
+A session that ends any other way than QUIT in TRANSACTION (a dropped
+connection, a timeout, shutdown, a storage failure) releases the mailbox
+without committing anything.
+"""
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+
+from ..errors import BadMailboxName, LoginDelay, LoginFailed, MailboxInUse, StorageError
+from ..protocol import replies
+from ..protocol._parser import LineReader
+from ..protocol.core import CLOSE, LOAD_UIDS, START_TLS, UPDATE, CheckLogin, Commit, OpenMailbox, SendMessage
+from ..protocol.core import SessionCore, Signal, decode
+from . import jobs, tls
+
+log = logging.getLogger("mpop3.session")
+
+# Lines waiting while the core is busy; past this, stop reading the socket
+# until they are handled (bounded memory for a pipelining client).
+MAX_PENDING_LINES = 256
+# Replies gathered before they are written; more pipelined commands wait
+# until the client has read enough (pause_writing), so a client that sends
+# and never reads cannot make the server buffer without bound.
+REPLIES_PER_WRITE = 64
+BIG_REPLY = 16 * 1024  # a listing this long is written at once
+# While streaming a message, hand the loop back to other sessions after
+# this many chunks even if the socket keeps accepting them.
+CHUNKS_PER_TURN = 8
+# Stop producing when this much waits for a slow client (the bound on a
+# session's memory); 256 KiB rather than the default 64 KiB keeps fast
+# clients streaming instead of stopping and starting.
+WRITE_BUFFER_HIGH = 256 * 1024
+# The longest a TLS handshake may take (the idle sweep does not see it).
+TLS_HANDSHAKE_TIMEOUT = 60.0
+
+
+class Connection:
+    """asyncio Protocol for one client of `service` (mpop3/server/service.py)."""
+
+    __slots__ = (
+        "service", "loop", "transport", "peer", "core", "reader", "pending", "out", "handle", "closed",
+        "last_active", "stream", "write_paused", "pump_scheduled", "eof", "reading_paused", "closed_waiter",
+        "counted",
+    )
+
+    def __init__(self, service):
+        self.service = service
+        self.loop = service.loop
+        self.transport = None
+        self.peer = "?"
+        self.core = None
+        self.reader = LineReader(service.settings.max_line_length)
+        self.pending = None  # deque of lines waiting while the core is busy
+        self.out = []  # replies not yet written
+        self.handle = None  # the storage module's, while the mailbox is ours
+        self.closed = False
+        self.last_active = 0.0  # loop.time() of the last sign of life (the idle sweep reads it)
+        self.stream = None  # the chunks of the message being sent
+        self.write_paused = False
+        self.pump_scheduled = False
+        self.eof = False
+        self.reading_paused = False
+        self.closed_waiter = None  # a future a one-session process waits on
+        self.counted = False  # admitted: the service counts us
+
+    # --- connection events ---------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        service = self.service
+        self.peer = peer = peer_address(transport)
+        refusal = service.admit(self)
+        if refusal is not None:
+            self.closed = True
+            transport.write(refusal.wire)
+            transport.close()
+            return
+        self.counted = True
+        self.last_active = self.loop.time()
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        secure = transport.get_extra_info("ssl_object") is not None  # implicit TLS (RFC 8314)
+        timestamp = service.tables.auth.auth_timestamp()
+        self.core = SessionCore(
+            service.policy, peer, secure=secure,
+            cleartext_ok=cleartext_allowed(service.settings.plaintext_auth, peer),
+            # a socket can switch to TLS; stdin mode's pipes (no peer) cannot
+            tls_available=service.tls_context is not None and peer != tls.NO_PEER,
+            timestamp=timestamp.encode("utf-8", "surrogateescape") if timestamp else None)
+        if secure:
+            self.log_tls(transport)
+        transport.write(self.core.greeting())
+
+    def data_received(self, data):
+        if self.closed:
+            return
+        self.last_active = self.loop.time()
+        lines = self.reader.feed(data)
+        if self.pending is None:
+            self.pending = deque(lines)
+        else:
+            self.pending.extend(lines)
+        self.run()
+
+    def eof_received(self):
+        # The client will send nothing more: finish what it sent, then close.
+        # Keeping the transport open lets a pipelined QUIT still be answered.
+        self.eof = True
+        if self.core is not None and not self.core.busy:
+            self.run()
+        return True
+
+    def connection_lost(self, exc):
+        self.release()  # without committing (a commit under way holds its own handle)
+        self.closed = True
+        self.stream = None
+        self.pending = None
+        if self.core is not None:
+            self.core.closed()
+        if self.counted:
+            self.counted = False
+            self.service.forget(self)
+        if self.closed_waiter is not None and not self.closed_waiter.done():
+            self.closed_waiter.set_result(None)
+
+    def pause_writing(self):
+        self.write_paused = True
+
+    def resume_writing(self):
+        self.write_paused = False
+        self.last_active = self.loop.time()
+        if self.stream is not None:
+            self.pump()
+        elif self.pending:
+            self.run()
+
+    # --- feeding the core, in order ------------------------------------------
+
+    def run(self):
+        """Feed waiting lines to the core until done or busy, then write."""
+        if self.closed:
+            return
+        pending, out, core = self.pending, self.out, self.core
+        while pending and not core.busy and not self.write_paused and not self.closed:
+            self.perform(core.command(pending.popleft()))
+            if len(out) >= REPLIES_PER_WRITE or (out and len(out[-1]) > BIG_REPLY):
+                self.flush()  # may pause us: a client that does not read gets no more
+        if self.closed:
+            return
+        self.flush()
+        if pending and len(pending) > MAX_PENDING_LINES:
+            if not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()
+        elif self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.eof and not core.busy and not pending:
+            self.close()
+
+    def perform(self, actions):
+        """Carry out the core's actions, in order."""
+        for action in actions:
+            if type(action) is bytes:
+                self.out.append(action)
+            elif type(action) is Signal:
+                SIGNALS[action](self)
+            else:
+                ACTIONS[type(action)](self, action)
+
+    def answer(self, actions):
+        """Carry out what the core says to an event, then go on with the lines."""
+        self.perform(actions)
+        self.run()
+
+    def flush(self):
+        out = self.out
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def close(self, reply=None):
+        """End the session: a last reply, then close; commits nothing."""
+        if self.closed:
+            return
+        if reply is not None:
+            self.out.append(reply.wire)
+        self.flush()
+        self.closed = True
+        self.core.closed()
+        self.release()
+        self.stream = None
+        self.transport.close()
+
+    def release(self):
+        """Give the mailbox back without committing."""
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            try:
+                self.service.tables.storage.storage_unlock_mailbox(handle)
+            except Exception:
+                log.exception("%s: unlocking mailbox %s failed", self.peer, self.core.mailbox)
+
+    def idle_check(self, now, timeout):
+        """Called by the service's idle sweep: close if idle too long. Time
+        spent waiting on our own work (hashing, opening) is not idleness."""
+        if self.closed or (self.core.busy and self.stream is None):
+            return
+        idle = now - self.last_active
+        if idle >= timeout:
+            log.info("%s: idle for %.1f s, closing", self.peer, idle)
+            self.close(replies.ERR_IDLE)
+
+    def shut_down(self):
+        """Server shutdown after the grace period: close, commit nothing."""
+        if self.core.state is UPDATE:
+            return  # committing right now: let it finish
+        self.close(replies.ERR_SHUTTING_DOWN)
+
+    # --- logging in -------------------------------------------------------------
+
+    def check_login(self, action):
+        service = self.service
+        service.workers.submit(lambda result, exc: self.login_checked(result, exc, action), jobs.check_login,
+                               service.tables.auth, service.limits, self.peer, action)
+
+    def login_checked(self, mailbox, exc, action):
+        if self.closed:
+            return
+        if exc is None:
+            self.answer(self.core.login_checked(mailbox))
+        elif isinstance(exc, LoginFailed):
+            delay = exc.args[0]
+            log.warning("%s: failed login%s; answering in %.1f s", self.peer,
+                        ", closing" if self.core.last_chance() else "", delay)
+            self.loop.call_later(delay, self.login_failed)
+        else:
+            self.login_refused(exc, action.user)
+
+    def login_failed(self):
+        if not self.closed:
+            self.answer(self.core.login_failed())
+
+    def login_refused(self, exc, user):
+        if isinstance(exc, BadMailboxName):
+            log.error("%s: user %r maps to an unsafe mailbox name %r; refused", self.peer, decode(user), exc.args[0])
+        elif isinstance(exc, (StorageError, LoginDelay)):
+            level = logging.INFO if isinstance(exc, (MailboxInUse, LoginDelay)) else logging.WARNING
+            log.log(level, "%s: login of %r refused: %s", self.peer, decode(user),
+                    type(exc).__name__ + (f": {exc}" if str(exc) else ""))
+        else:
+            log.error("%s: login of %r failed", self.peer, decode(user), exc_info=exc)
+        self.answer(self.core.login_refused(exc))
+
+    def open_mailbox(self, action):
+        service = self.service
+        service.workers.submit(self.mailbox_opened, jobs.open_mailbox, service.tables.storage, service.limits,
+                               self.peer, action.mailbox, service.before_open)
+
+    def mailbox_opened(self, opened, exc):
+        if exc is not None:
+            if not self.closed:
+                self.login_refused(exc, self.core.login_user)
+            return
+        self.handle, sizes, uidl = opened
+        if self.closed:
+            self.release()
+            return
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s: %s logged in, %d message%s (%d octets)", self.peer, self.core.mailbox,
+                     len(sizes), "" if len(sizes) == 1 else "s", sum(sizes))
+        self.answer(self.core.mailbox_opened(sizes, uidl))
+
+    # --- TRANSACTION: what needs the storage module --------------------------
+
+    def load_uids(self):
+        try:
+            uids = self.service.tables.storage.storage_unique_ids(self.handle)
+        except StorageError as exc:
+            self.perform(self.core.storage_failed(exc))
+        except Exception:
+            self.internal_error("UIDL")
+        else:
+            self.perform(self.core.uids_loaded(uids))
+
+    def send_message(self, action):
+        """The first chunk is fetched before the +OK goes out, so a failure
+        there can still be an -ERR."""
+        storage = self.service.tables.storage
+        try:
+            if action.body_lines is None:
+                chunks = storage.storage_dump_message(self.handle, action.index)
+            elif action.body_lines == 0:
+                chunks = storage.storage_dump_headers(self.handle, action.index)
+            else:
+                chunks = storage.storage_dump_message_lines(self.handle, action.index, action.body_lines)
+            chunks = iter(chunks)
+            first = next(chunks, None)
+        except StorageError as exc:
+            self.perform(self.core.storage_failed(exc))
+            return
+        except Exception:
+            self.internal_error("RETR" if action.body_lines is None else "TOP")
+            return
+        self.out.append(action.head)
+        if first is None:
+            self.perform(self.core.message_sent())
+            return
+        self.out.append(first)
+        self.flush()
+        self.stream = chunks
+        self.pump()
+
+    def pump(self):
+        self.pump_scheduled = False
+        transport = self.transport
+        for _ in range(CHUNKS_PER_TURN):
+            if self.stream is None or self.write_paused:
+                return
+            try:
+                chunk = next(self.stream)
+            except StopIteration:
+                self.stream = None
+                self.answer(self.core.message_sent())
+                return
+            except StorageError as exc:
+                # the message is half sent: all we can do is hang up
+                log.warning("%s: mailbox %s failed while sending a message: %s",
+                            self.peer, self.core.mailbox, exc or type(exc).__name__)
+                self.close()
+                return
+            except Exception:
+                log.exception("%s: internal error while sending a message", self.peer)
+                self.close()
+                return
+            transport.write(chunk)
+        if not self.pump_scheduled:
+            self.pump_scheduled = True
+            self.loop.call_soon(self.pump)
+
+    def internal_error(self, command):
+        log.exception("%s: internal error in %s", self.peer, command)
+        self.close(replies.ERR_INTERNAL)
+
+    # --- QUIT: UPDATE -----------------------------------------------------------
+
+    def commit(self, action):
+        """The commit goes ahead even if the client has already gone
+        (Outlook closes right after sending QUIT)."""
+        handle, self.handle = self.handle, None
+        storage = self.service.tables.storage
+        if not action.deleted:
+            try:
+                storage.storage_unlock_mailbox(handle)
+            except Exception:
+                log.exception("%s: unlocking mailbox %s failed", self.peer, self.core.mailbox)
+            self.committed(None, None)
+            return
+        self.flush()
+        self.service.workers.submit(self.committed, jobs.commit, storage, handle, action.deleted)
+
+    def committed(self, _, exc):
+        core = self.core
+        deleted, left = len(core.deleted), len(core.sizes) - len(core.deleted)
+        if exc is None:
+            log.info("%s: %s logged out, %d deleted, %d left", self.peer, core.mailbox, deleted, left)
+        else:
+            log.error("%s: %s: committing %d deletions failed: %s", self.peer, core.mailbox,
+                      deleted, exc or type(exc).__name__)
+        if not self.closed:  # else the client went away; the commit happened all the same
+            self.perform(core.committed(exc))
+
+    # --- TLS: STLS (RFC 2595) and implicit TLS (RFC 8314) ---------------------------
+
+    def start_tls(self):
+        """Switch the connection to TLS. Whatever the client sent before the
+        handshake is dropped unread (CVE-2011-0411): the lines waiting, the
+        part-line in the reader, and (reading stops now) nothing more is
+        read in clear; start_tls reads the rest as TLS records."""
+        self.flush()  # the +OK to STLS goes out in clear, before the handshake
+        if self.pending:
+            self.pending.clear()
+        self.reader = LineReader(self.service.settings.max_line_length)
+        self.reading_paused = False  # run() must not resume reading: start_tls will
+        self.transport.pause_reading()
+        self.loop.create_task(self.handshake())
+
+    async def handshake(self):
+        clear = self.transport
+        timeout = min(TLS_HANDSHAKE_TIMEOUT, max(1.0, self.service.settings.idle_timeout))
+        try:
+            transport = await self.loop.start_tls(clear, self, self.service.tls_context, server_side=True,
+                                                  ssl_handshake_timeout=timeout)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("%s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
+            clear.abort()
+            self.connection_lost(exc)
+            return
+        if self.closed:  # shut down or timed out meanwhile
+            transport.abort()
+            return
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.log_tls(transport)
+        self.last_active = self.loop.time()
+        self.answer(self.core.tls_started())
+
+    def log_tls(self, transport):
+        log.info("%s: TLS %s", self.peer, tls.describe(transport.get_extra_info("ssl_object")))
+
+
+ACTIONS = {
+    CheckLogin: Connection.check_login,
+    OpenMailbox: Connection.open_mailbox,
+    SendMessage: Connection.send_message,
+    Commit: Connection.commit,
+}
+SIGNALS = {
+    LOAD_UIDS: Connection.load_uids,
+    START_TLS: Connection.start_tls,
+    CLOSE: Connection.close,
+}
+
+
+def peer_address(transport):
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, (tuple, list)) and peer:
+        return str(peer[0])
+    return tls.NO_PEER if peer is None else str(peer)
+
+
+def cleartext_allowed(policy, peer):
+    """plaintext_auth: may this client send a password in clear?"""
+    return policy == "yes" or (policy == "loopback" and tls.is_local(peer))

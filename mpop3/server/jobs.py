@@ -1,0 +1,109 @@
+"""What the core's blocking actions do with the function tables. Each runs
+in a worker (mpop3/server/workers.py), off the event loop, and returns what
+the connection feeds back to the core.
+
+- check_login: CheckLogin. The auth table checks the credentials; a
+  failure asks the throttle how long to delay the answer; a success is
+  held to the mailbox name rules and to LOGIN-DELAY.
+- open_mailbox: OpenMailbox. Gives up root if this process must (a hook,
+  mpop3/server/privs.py), then locks and indexes the mailbox.
+- commit: Commit. UPDATE: remove the deleted messages, release.
+
+The `limits` argument is a Limits: the throttle and the LOGIN-DELAY clock
+of this process or, where several processes serve, of their parent.
+"""
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from ..errors import BadMailboxName, LoginDelay, LoginFailed, StorageTempError
+from ..protocol import core, sasl
+from .limits import valid_mailbox_name
+
+UNKNOWN_USER_PASSWORD = "\0no such user\0"  # what an unknown user's digest is checked against
+
+
+@dataclass
+class Limits:
+    """The throttle and LOGIN-DELAY clock a login consults, and the delay."""
+
+    throttle: object  # LoginThrottle or a supervisor's remote one
+    clock: object  # LoginDelayClock or a supervisor's remote one
+    login_delay: int  # seconds; 0: off
+
+
+def check_login(auth, limits, peer, action):
+    """The mailbox name for good credentials. LoginFailed(delay) for bad
+    ones, LoginDelay or BadMailboxName when the login may not go on."""
+    user = decode(action.user)
+    secret = decode(action.secret)
+    if action.method == core.PASSWORD:
+        mailbox = auth.auth_attempt_login(user, secret)
+    elif action.method == core.APOP:
+        mailbox = apop_check(auth, user, secret, action.challenge)
+    else:
+        mailbox = cram_md5_check(auth, user, secret, action.challenge)
+    if mailbox is None:
+        raise LoginFailed(limits.throttle.failed(peer, action.user, action.secret))
+    if not valid_mailbox_name(mailbox):
+        raise BadMailboxName(mailbox)
+    if auth.auth_login_delay_needed(user) > 0 or limits.clock.wait_needed(mailbox, limits.login_delay) > 0:
+        raise LoginDelay()
+    return mailbox
+
+
+def open_mailbox(storage, limits, peer, mailbox, before_open=None):
+    """(handle, sizes, uidl supported) of the opened mailbox.
+    `before_open(mailbox)`, if given, is where a process gives up root."""
+    if before_open is not None:
+        before_open(mailbox)
+    handle = storage.storage_lock_mailbox(mailbox)
+    try:
+        sizes = list(storage.storage_message_sizes(handle))
+        count = storage.storage_message_count(handle)
+        if count != len(sizes):
+            raise StorageTempError(f"{count} messages but {len(sizes)} sizes")
+        uidl = bool(storage.storage_uidl_supported(handle))
+    except BaseException:
+        storage.storage_unlock_mailbox(handle)
+        raise
+    limits.clock.logged_in(mailbox, limits.login_delay)
+    limits.throttle.succeeded(peer)
+    return handle, sizes, uidl
+
+
+def commit(storage, handle, deleted):
+    """UPDATE: commit the deletions (if any), then release."""
+    try:
+        if deleted:
+            storage.storage_synch(handle, list(deleted))
+    finally:
+        storage.storage_unlock_mailbox(handle)
+
+
+def apop_check(auth, user, digest, timestamp):
+    """RFC 1939 APOP: digest = MD5(timestamp + password), in lower-case hex.
+    An unknown user costs the same hashing as a known one."""
+    password = auth.auth_password(user)
+    known = password is not None
+    secret = (password if known else UNKNOWN_USER_PASSWORD).encode("utf-8", "surrogateescape")
+    expected = hashlib.md5(timestamp + secret).hexdigest().encode()
+    if hmac.compare_digest(expected, digest.lower().encode("utf-8", "surrogateescape")) and known:
+        return auth.auth_login(user)
+    return None
+
+
+def cram_md5_check(auth, user, digest, challenge):
+    """RFC 2195: digest = HMAC-MD5(password, challenge) in lower-case hex.
+    An unknown user costs the same hashing as a known one."""
+    password = auth.auth_password(user)
+    known = password is not None
+    answer = sasl.Credentials(user, challenge=challenge, digest=digest.lower())
+    if sasl.cram_md5_matches(answer, password if known else UNKNOWN_USER_PASSWORD) and known:
+        return auth.auth_login(user)
+    return None
+
+
+def decode(raw):
+    return raw.decode("utf-8", "surrogateescape")

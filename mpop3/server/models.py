@@ -1,0 +1,135 @@
+"""The process models, side by side, and run(): which one serves.
+
+The privilege rules (mpop3/server/privs.py) choose:
+
+    stdin        `mpop3 -s`: one session on descriptors 0 and 1, a process
+                 started by inetd or systemd for it (rule 4, or rules 1-2)
+    shared       one process, many sessions, as safe_user after bind (rule 3)
+    prefork      `processes N` > 1 of those, under a parent (prefork.py)
+    per session  a listener forks a process per connection, which gives up
+                 root after login (rules 1 and 2, per_session.py)
+
+Each process that serves clients runs one Service (service.py) on its own
+event loop, with signal handlers for SIGTERM, SIGINT and SIGHUP. The models
+differ only in what they hand it: the sockets to listen on or the one
+connection to serve, threads or not for blocking jobs, and whose limits
+count the logins (its own, or those of the parent that sees them all).
+"""
+
+import asyncio
+import logging
+import os
+import signal
+
+from . import privs
+from .limits import FileLoginClock, LoginThrottle
+from .per_session import SessionProcesses
+from .prefork import Prefork
+from .service import Service, bind, new_loop
+from .stdio import connect_socket, connect_stdin
+from .supervisor import HANDLED
+from .workers import InlineWorkers
+
+log = logging.getLogger("mpop3.server")
+
+SERVICE_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def run(conf, tables, stdin_mode=False):
+    """Serve until told to stop; the process exit code."""
+    plan = privs.plan_for(tables, stdin_mode)
+    before_open = privs.after_login_switch(plan, conf)
+    if stdin_mode:
+        if plan is not None and plan.when == privs.AT_ONCE and not privs.switch_or_log(privs.safe_identity(conf)):
+            return 1
+        return serve_stdin(conf, tables, before_open)
+    # A client may connect as soon as we listen, and a SIGTERM may follow:
+    # hold our signals until something handles them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    per_session = plan is not None and plan.process_per_session
+    processes = 1 if per_session else conf.values["processes"]
+    try:
+        # several server processes: a set of sockets each (SO_REUSEPORT), so
+        # the kernel spreads connections evenly instead of waking them all
+        socket_sets = [[bind(host, port, reuse_port=processes > 1) for host, port in conf.listen + conf.listen_tls]
+                       for _ in range(processes)]
+    except OSError as e:
+        log.error("cannot listen: %s", e.strerror or e)
+        return 1
+    if per_session:
+        def serve_session(conf, sock, channel):
+            return serve_connection(conf, tables, sock, channel, before_open)
+
+        return SessionProcesses(conf, socket_sets[0], serve_session).run()
+    if plan is not None and not privs.switch_or_log(privs.safe_identity(conf)):
+        return 1
+    if processes > 1:
+        def serve_worker(conf, sockets, tally, channel):
+            return serve_shared(conf, tables, sockets, tally, channel)
+
+        return Prefork(conf, socket_sets, serve_worker).run()
+    return serve_shared(conf, tables, socket_sets[0])
+
+
+def serve_shared(conf, tables, sockets, tally=None, channel=None):
+    """Many sessions in this process, on listening `sockets`; in a worker
+    of several, `tally` counts the sessions of all and `channel` reaches
+    the parent's limits."""
+    def main(service):
+        service.loop.run_until_complete(service.start_listeners(sockets))
+        service.loop.run_until_complete(service.stopped)
+        log.info("stopped")
+
+    limits = (channel.throttle, channel.clock) if channel is not None else None
+    return in_service(conf, tables, main, limits=limits, tally=tally)
+
+
+def serve_connection(conf, tables, sock, channel, before_open):
+    """One session, on a socket the listener accepted; then the process ends."""
+    def main(service):
+        service.loop.run_until_complete(service.serve_one(lambda c: connect_socket(service, c, sock)))
+        if service.stopping:  # SIGTERM came: let stop() finish its work
+            service.loop.run_until_complete(service.stopped)
+
+    return in_service(conf, tables, main, workers=InlineWorkers, limits=(channel.throttle, channel.clock),
+                      before_open=before_open)
+
+
+def serve_stdin(conf, tables, before_open):
+    """One session on descriptors 0 and 1. Nothing outlives it here but
+    files: LOGIN-DELAY's clock is kept in state_dir."""
+    delay = conf.values["login_delay"]
+    state_dir = conf.values["state_dir"]
+    if delay > 0 and not os.access(state_dir, os.W_OK | os.X_OK):
+        log.error("login_delay needs state_dir %s, a directory this process (uid %d) can write: "
+                  "in stdin mode the last login times are kept there", state_dir, os.geteuid())
+        return 1
+    limits = (LoginThrottle(conf.values["login_fail_delay"], conf.values["login_fail_delay_max"]),
+              FileLoginClock(state_dir))
+
+    def main(service):
+        service.loop.run_until_complete(service.serve_one(lambda c: connect_stdin(service, c)))
+
+    return in_service(conf, tables, main, workers=InlineWorkers, limits=limits, before_open=before_open,
+                      signals=False)
+
+
+def in_service(conf, tables, main, *, workers=None, signals=True, **options):
+    """Run `main(service)` on a new loop, with SIGTERM, SIGINT and SIGHUP
+    handled by the Service; the exit code."""
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        service = Service(conf, tables, loop, workers=workers(loop) if workers else None, **options)
+        if signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, service.stop)
+            loop.add_signal_handler(signal.SIGHUP, service.reload)
+            # Let held signals in only when the loop runs: between two
+            # run_until_complete() calls uvloop has no wakeup fd, and a signal
+            # delivered then would be lost (a SIGTERM during start-up ignored).
+            loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, SERVICE_SIGNALS)
+        main(service)
+        return 0
+    finally:
+        loop.close()

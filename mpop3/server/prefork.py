@@ -1,0 +1,134 @@
+"""Several server processes on the same addresses (`processes N`).
+
+One CPython process runs Python on one core at a time; a few processes,
+each with its own SO_REUSEPORT sockets, use every core (nginx's worker
+processes). The parent binds, forks the workers, passes SIGTERM, SIGINT
+and SIGHUP on to them, and starts a new one if one dies (if the system
+will not let it fork, it tries again every RESPAWN_PAUSE). Each worker is
+a complete server with its own sessions. max_sessions counts the sessions
+of all of them (SessionTally, in shared memory); the failed-login delays
+and LOGIN-DELAY are the parent's (mpop3/server/supervisor.py), so they too
+hold whichever worker a client reaches; max_sessions_per_ip counts per
+worker.
+"""
+
+import ctypes
+import logging
+import mmap
+import os
+import signal
+import struct
+import time
+
+from .supervisor import Supervisor
+
+log = logging.getLogger("mpop3.server")
+
+RESPAWN_PAUSE = 1.0  # a worker that dies at once is not restarted in a tight loop
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+
+
+class SessionTally:
+    """The sessions all server processes hold, in memory they share, so
+    that max_sessions counts them all. Each process writes only its own
+    slot (no lock); processes admitting at the very same instant may let
+    in one session each beyond the limit."""
+
+    def __init__(self, slots):
+        self.memory = mmap.mmap(-1, 8 * slots)  # anonymous and shared: survives fork
+        self.slots = slots
+        self.slot = 0
+
+    def set(self, count):
+        struct.pack_into("q", self.memory, 8 * self.slot, count)
+
+    def total(self):
+        return sum(struct.unpack_from(f"{self.slots}q", self.memory))
+
+    def clear(self, slot):
+        struct.pack_into("q", self.memory, 8 * slot, 0)
+
+
+class Prefork(Supervisor):
+    """Run a worker per set of listening sockets, each
+    `serve_worker(conf, sockets, tally, channel)`, until told to stop. The
+    parent keeps every set open, so connections queued for a worker that
+    dies wait for its replacement."""
+
+    def __init__(self, conf, socket_sets, serve_worker):
+        super().__init__(conf)
+        self.socket_sets = socket_sets
+        self.serve_worker = serve_worker
+        self.tally = SessionTally(len(socket_sets))
+        self.unstarted = list(range(len(socket_sets)))  # slots whose worker is to be (re)started
+        self.next_start = 0.0  # monotonic time of the next attempt
+        self.failed = False
+
+    def started(self):
+        self.start_workers()
+        log.info("started %d server processes: %s", len(self.children), " ".join(map(str, self.children)))
+
+    def timeout(self):
+        if self.unstarted and not self.stopping:
+            return max(0.0, self.next_start - time.monotonic())
+        return None
+
+    def tick(self):
+        if self.unstarted and not self.stopping and time.monotonic() >= self.next_start:
+            self.start_workers()
+
+    def start_workers(self):
+        for slot in list(self.unstarted):
+            try:
+                pid, channel = self.fork()
+            except OSError as e:  # EAGAIN (a process limit), ENOMEM: later
+                log.error("cannot start a server process: %s; trying again in %g s", e.strerror, RESPAWN_PAUSE)
+                self.next_start = time.monotonic() + RESPAWN_PAUSE
+                return
+            if pid == 0:
+                self.become_worker(slot, channel)
+            self.children[pid] = (time.monotonic(), slot)
+            self.unstarted.remove(slot)
+
+    def become_worker(self, slot, channel):
+        """In the child: a whole server of its own, until it exits."""
+        code = 1
+        try:
+            end_with_parent()
+            # the worker unblocks SIGTERM, SIGINT and SIGHUP once it handles them
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+            self.tally.slot = slot
+            code = self.serve_worker(self.conf, self.socket_sets[slot], self.tally, channel)
+        except BaseException:
+            log.exception("server process failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def child_ended(self, pid, status):
+        started, slot = self.children.pop(pid)
+        self.tally.clear(slot)  # its sessions died with it
+        code = os.waitstatus_to_exitcode(status)
+        if self.stopping:
+            self.failed = self.failed or code != 0
+            return
+        log.error("server process %d ended unexpectedly (exit code %d); starting another", pid, code)
+        self.unstarted.append(slot)
+        self.next_start = max(self.next_start, started + RESPAWN_PAUSE)
+
+    def finished(self):
+        log.info("all server processes stopped")
+        return 1 if self.failed else 0
+
+
+def end_with_parent():
+    """Linux: get SIGTERM if the parent dies (even by SIGKILL), so that no
+    worker is left serving on its own; the check after it covers a parent
+    that died before the request was made."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM must do
+        return
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,209 @@
+"""One server process's sessions: what they share, and their lifecycle.
+
+A Service holds what every Connection of a process shares: the
+configuration and function tables, the protocol Policy, the workers for
+blocking jobs, the TLS context, the session counts (Admission), the login
+limits (failed-login delays, LOGIN-DELAY) and the open connections. It
+listens, or serves a single connection; sweeps idle sessions; stops
+gracefully on SIGTERM; applies a SIGHUP. Every process model
+(mpop3/server/models.py) runs one Service per process that serves clients.
+
+Signals: SIGTERM (and SIGINT) stop accepting, give sessions
+`shutdown_grace` seconds to finish, then close them without committing;
+SIGHUP re-reads the configuration and applies what is safe to change in a
+running server (limits, timeouts, CAPA extras, log level, the TLS
+certificate); listeners and modules need a restart, and a reload that
+fails keeps the running settings.
+"""
+
+import asyncio
+import logging
+import socket
+
+from .. import config, log as logs
+from ..auth_functions import AuthFunctions
+from ..protocol import replies
+from ..protocol.core import Policy
+from . import tls
+from .connection import Connection
+from .jobs import Limits
+from .limits import Admission, LoginDelayClock, LoginThrottle
+from .workers import Workers
+
+log = logging.getLogger("mpop3.server")
+
+
+class Settings:
+    """The reloadable settings as plain attributes (read on every command)."""
+
+    def __init__(self, conf):
+        for name in config.RELOADABLE:
+            setattr(self, name, conf.values[name])
+
+
+class Service:
+    def __init__(self, conf, tables, loop, *, workers=None, limits=None, tally=None, before_open=None):
+        """`workers`: InlineWorkers in a process of one session (default:
+        threads). `limits`: (throttle, clock) of a parent process that sees
+        every session (default: this process's own). `tally`: the session
+        count of all server processes. `before_open(mailbox)`: where a
+        session process gives up root."""
+        self.conf = conf
+        self.tables = tables
+        self.loop = loop
+        self.settings = settings = Settings(conf)
+        self.policy = Policy(settings.max_bad_commands, settings.max_login_failures,
+                             cram_md5=plaintext_passwords(tables.auth), **self.capa_extras(conf))
+        self.workers = workers or Workers(loop, conf.values["worker_threads"])
+        # built before any fork (cli.py); tests hand the Service a bare Config
+        self.tls_context = conf.tls_context or tls.context_from_config(conf)
+        self.admission = Admission(settings.max_sessions, settings.max_sessions_per_ip, tally)
+        throttle, clock = limits or (LoginThrottle(settings.login_fail_delay, settings.login_fail_delay_max),
+                                     LoginDelayClock())
+        self.limits = Limits(throttle, clock, settings.login_delay)
+        self.before_open = before_open
+        self.connections = set()
+        self.listeners = []
+        self.stopping = False
+        self.stopped = loop.create_future()
+
+    def capa_extras(self, conf):
+        values = conf.values
+        announced = max(values["login_delay"], int(self.tables.auth.auth_default_login_delay() or 0))
+        return dict(expire=values["expire"], login_delay=announced, implementation=values["implementation"])
+
+    def apply(self, conf):
+        """Take the reloadable settings of `conf` (start-up or SIGHUP)."""
+        self.conf = conf
+        self.settings = settings = Settings(conf)
+        self.policy.apply(settings.max_bad_commands, settings.max_login_failures, **self.capa_extras(conf))
+        self.admission.max_sessions = settings.max_sessions
+        self.admission.max_per_address = settings.max_sessions_per_ip
+        throttle = self.limits.throttle  # a reload keeps what it remembers of failures
+        throttle.base, throttle.maximum = settings.login_fail_delay, settings.login_fail_delay_max
+        self.limits.login_delay = settings.login_delay
+
+    # --- sessions ---------------------------------------------------------------
+
+    def admit(self, connection):
+        """None to serve a new connection, or the reply that refuses it."""
+        if self.stopping:
+            return replies.ERR_SHUTTING_DOWN
+        refusal = self.admission.admit(connection.peer)
+        if refusal is None:
+            self.connections.add(connection)
+        return refusal
+
+    def forget(self, connection):
+        self.connections.discard(connection)
+        self.admission.release(connection.peer)
+
+    def sweep_idle(self):
+        """One timer for every session: close those idle for too long.
+        Runs every quarter of the timeout (at most every second)."""
+        timeout = self.settings.idle_timeout
+        now = self.loop.time()
+        for connection in list(self.connections):
+            connection.idle_check(now, timeout)
+        self.loop.call_later(min(1.0, max(0.02, timeout / 4)), self.sweep_idle)
+
+    def tls_for(self, sock):
+        """The SSLContext for a socket of a listen_tls address (listening
+        or accepted: implicit TLS), None for a plain one."""
+        if tls.is_tls_address(self.conf.values["listen_tls"], sock.getsockname()):
+            return self.tls_context
+        return None
+
+    async def start_listeners(self, sockets=None):
+        """Serve on `sockets` (bound by the caller), or bind every listen
+        and listen_tls address; returns the (host, port)s."""
+        self.sweep_idle()
+        if sockets is None:
+            sockets = [bind(host, port) for host, port in self.conf.listen + self.conf.listen_tls]
+        bound = []
+        for sock in sockets:
+            listener = await self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024,
+                                                     ssl=self.tls_for(sock))
+            self.listeners.append(listener)
+            bound.append(sock.getsockname()[:2])
+        log.info("listening on %s", ", ".join(
+            f"{h}:{p}" + (" (TLS)" if (h, p) in self.conf.listen_tls else "") for h, p in bound))
+        return bound
+
+    async def serve_one(self, connect):
+        """One session, wired up by `await connect(connection)`, to its end."""
+        self.sweep_idle()
+        connection = Connection(self)
+        connection.closed_waiter = self.loop.create_future()
+        await connect(connection)
+        await connection.closed_waiter
+        await self.finish_commits()
+
+    # --- stopping and reloading ---------------------------------------------------
+
+    def stop(self):
+        """SIGTERM: stop accepting, wait out the grace period, then close."""
+        if self.stopping:
+            return
+        self.stopping = True
+        open_now = len(self.connections)
+        log.info("stopping: %d session%s open, grace period %g s", open_now, "" if open_now == 1 else "s",
+                 self.settings.shutdown_grace)
+        for listener in self.listeners:
+            listener.close()
+        self.loop.create_task(self.drain())
+
+    async def drain(self):
+        deadline = self.loop.time() + self.settings.shutdown_grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.connections:
+            log.info("grace period over: closing %d session%s without committing",
+                     len(self.connections), "" if len(self.connections) == 1 else "s")
+            for connection in list(self.connections):
+                connection.shut_down()
+        await self.finish_commits()
+        await asyncio.sleep(0)  # let the transports' close callbacks run
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    async def finish_commits(self):
+        """Let any commit in a worker thread finish before the loop ends."""
+        if self.workers.threads:
+            await self.loop.run_in_executor(None, self.workers.shutdown)
+        await asyncio.sleep(0)  # the callbacks they scheduled
+
+    def reload(self):
+        """SIGHUP: apply the safe part of the re-read configuration."""
+        new = config.reload(self.conf)
+        if new is None:
+            return
+        self.tls_context = tls.reload(self.tls_context, new)
+        logs.reload_level(self.conf, new)
+        self.apply(new)
+        log.info("reloaded %s", new.path)
+
+
+def plaintext_passwords(auth):
+    """Whether the auth table can give plaintext passwords (CRAM-MD5 needs
+    them): a module supplies auth_password, or a subclass overrides it."""
+    return (auth.supplied_by.get("auth_password", "default") != "default"
+            or type(auth).auth_password is not AuthFunctions.auth_password)
+
+
+def bind(host, port, reuse_port=False):
+    """A listening socket; TCP_NODELAY on it is inherited by accepted sockets
+    (without it, a reply written in two pieces waits ~40 ms for an ACK)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+    return sock
+
+
+def new_loop():
+    try:
+        import uvloop
+    except ImportError:  # still works, slower
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

@@ -1,0 +1,360 @@
+"""The parent of forked server processes, and what their children ask it.
+
+Two process models fork (mpop3/server/models.py): several server processes
+(`processes N`) and a process per session. Either way the parent is the one
+process that sees every login, so it keeps the limits that must count them
+all: the failed-login delays per client address and the LOGIN-DELAY clock
+per mailbox (mpop3/server/limits.py). It runs no event loop: a selector
+over its children's socket pairs, the wake-up pipe of its signals and, for
+a process per session, the listening sockets.
+
+A child asks over a socket pair of its own, one short line each way:
+
+    failed ADDRESS HEX    the delay to answer a failed login with, as a line
+    succeeded ADDRESS     a login succeeded: forget the address's failures
+    wait HEX              the seconds a mailbox must still wait (LOGIN-DELAY)
+    logged-in HEX         a mailbox was logged in to, now
+
+HEX is 32 hex digits: a keyed hash of the user and password, or of the
+mailbox name, so the parent holds no secrets and no names. What a child
+says is not trusted: a session process runs as a mailbox's user after
+login, for a client that may be hostile. A session process's reports must
+name the address the parent accepted, and it gets a budget of them; a
+child that says anything malformed is no longer listened to, and falls
+back on its own copy of the limits.
+"""
+
+import hashlib
+import ipaddress
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+
+from .. import config, log as logs
+from . import tls
+from .limits import LoginDelayClock, LoginThrottle
+
+log = logging.getLogger("mpop3.server")
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+LONGEST_REPORT = 128
+REPORTS_PER_SESSION = 64  # far more than a session can need (logins are limited)
+
+
+class Supervisor:
+    """The selector loop of a parent. A model adds its own readers
+    (register) and says what to do when a child ends (child_ended)."""
+
+    def __init__(self, conf):
+        self.conf = conf
+        self.children = {}  # pid -> what the model keeps of it
+        self.throttle = LoginThrottle(conf.values["login_fail_delay"], conf.values["login_fail_delay_max"])
+        self.clock = LoginDelayClock()
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.wake = None
+
+    def run(self):
+        """Serve until stopped and every child has ended; the exit code."""
+        self.wake = wake_r, wake_w = os.pipe()
+        for fd in self.wake:
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w)
+        for signum in HANDLED:
+            signal.signal(signum, lambda *_: None)  # the wake-up fd carries them
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        self.selector.register(wake_r, selectors.EVENT_READ, self.signalled)
+        self.started()
+        while not (self.stopping and not self.children):
+            for key, _ in self.selector.select(self.timeout()):
+                key.data(key.fileobj)
+            self.tick()
+        return self.finished()
+
+    # --- what a model fills in ------------------------------------------------
+
+    def started(self):
+        """Called once the loop is about to run."""
+
+    def timeout(self):
+        """The longest select() may wait (None: until something happens)."""
+        return None
+
+    def tick(self):
+        """Called after each round of events (and each timeout)."""
+
+    def child_ended(self, pid, status):
+        """A child has been reaped."""
+
+    def stop_accepting(self):
+        """SIGTERM: stop taking new work."""
+
+    def finished(self):
+        log.info("stopped")
+        return 0
+
+    # --- children --------------------------------------------------------------
+
+    def fork(self, address=None):
+        """Fork a child with a channel to us: (pid, its Channel) in the
+        parent, (0, its Channel) in the child; OSError if the system
+        refuses. `address`: the one client a session process serves."""
+        ours, theirs = socket.socketpair()
+        # the child starts with our signals held until its loop handles them
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            ours.close()
+            self.leave()
+            return 0, Channel(theirs, self.throttle, self.clock)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        theirs.close()
+        ours.setblocking(False)
+        self.selector.register(ours, selectors.EVENT_READ, ChildReports(self, ours, address).read)
+        return pid, None
+
+    def leave(self):
+        """In a new child: drop everything of the parent's but what it was
+        forked with (signals stay held until its own loop handles them)."""
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED:
+            signal.signal(signum, signal.SIG_DFL)
+        for key in list(self.selector.get_map().values()):
+            if key.fileobj != self.wake[0]:
+                key.fileobj.close()  # listening sockets, other children's channels
+        for fd in self.wake:
+            os.close(fd)
+        self.selector.close()
+
+    def forward(self, signum):
+        for pid in self.children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    # --- signals ------------------------------------------------------------------
+
+    def signalled(self, wake_r):
+        try:
+            signums = os.read(wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in signums:
+            if signum == signal.SIGCHLD:
+                self.reap()
+            elif signum == signal.SIGHUP:
+                self.reload()
+                self.forward(signal.SIGHUP)
+            else:
+                self.stop()
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.children:
+                self.child_ended(pid, status)
+
+    def reload(self):
+        """SIGHUP: the same reload as every server process's (Service.reload),
+        for what lives here; children forked from now on inherit it."""
+        new = config.reload(self.conf)
+        if new is None:
+            return
+        # a forked process inherits the context: reload it here, before the fork
+        new.tls_context = tls.reload(self.conf.tls_context, new)
+        logs.reload_level(self.conf, new)
+        self.conf = new
+        self.throttle.base = new.values["login_fail_delay"]
+        self.throttle.maximum = new.values["login_fail_delay_max"]
+        self.reloaded(new)
+        log.info("reloaded %s", new.path)
+
+    def reloaded(self, new):
+        """A model's part of a reload."""
+
+    def stop(self):
+        if not self.stopping:
+            self.stopping = True
+            self.stop_accepting()
+        self.forward(signal.SIGTERM)
+
+
+class ChildReports:
+    """The parent's end of a child's channel: reads its reports, answers
+    them. `address`: the client of a session process (its reports must
+    name it, and are counted), or None for a server process."""
+
+    def __init__(self, supervisor, sock, address):
+        self.supervisor = supervisor
+        self.sock = sock
+        self.address = address
+        self.partial = b""  # a report not yet ended by its newline
+        self.budget = REPORTS_PER_SESSION if address is not None else None
+        self.logins_left = 1 if address is not None else None  # a session logs in once
+
+    def read(self, _):
+        """Answer what the child said; its end of file: it has ended."""
+        try:
+            data = self.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.hang_up()
+            return
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) > LONGEST_REPORT:
+            lines.append(self.partial)  # judged below: too long for a report
+        for line in lines:
+            if self.budget is not None:
+                self.budget -= 1
+            answer = None if self.budget is not None and self.budget < 0 else self.answer(line.split(b" "))
+            if answer is None:
+                log.warning("process for %s: malformed report %r; no longer listening to it",
+                            self.address or "several clients", line[:LONGEST_REPORT])
+                self.hang_up()
+                return
+            if answer is not True:
+                try:
+                    self.sock.send(answer)
+                except OSError:
+                    pass
+
+    def answer(self, words):
+        """The bytes to answer, True for a report that wants none, None for
+        a malformed one."""
+        supervisor = self.supervisor
+        kind = words[0]
+        if kind in (b"failed", b"succeeded"):
+            address = self.client(words[1] if len(words) > 1 else b"")
+            if address is None:
+                return None
+            if kind == b"succeeded" and len(words) == 2:
+                supervisor.throttle.succeeded(address)
+                return True
+            mark = hex_mark(words[2] if len(words) == 3 else b"")
+            if kind == b"failed" and mark is not None:
+                return b"%r\n" % supervisor.throttle.failed_mark(address, mark)
+            return None
+        mark = hex_mark(words[1] if len(words) == 2 else b"")
+        if mark is None:
+            return None
+        delay = supervisor.conf.values["login_delay"]
+        if kind == b"wait":
+            return b"%r\n" % float(supervisor.clock.wait_needed(mark, delay))
+        if kind == b"logged-in" and self.logins_left != 0:
+            if self.logins_left is not None:
+                self.logins_left -= 1
+            supervisor.clock.logged_in(mark, delay)
+            return True
+        return None
+
+    def client(self, word):
+        """The client address a report names, if it may name it."""
+        try:
+            address = word.decode("ascii")
+            if address != tls.NO_PEER:
+                ipaddress.ip_address(address)
+        except ValueError:
+            return None
+        if self.address is not None and address != self.address:
+            return None  # a session process speaks only of its own client
+        return address
+
+    def hang_up(self):
+        self.supervisor.selector.unregister(self.sock)
+        self.sock.close()
+
+
+def hex_mark(word):
+    try:
+        mark = bytes.fromhex(word.decode("ascii"))
+    except ValueError:
+        return None
+    return mark if len(mark) == 16 else None
+
+
+class Channel:
+    """A child's end: the parent's throttle and LOGIN-DELAY clock, asked
+    over the socket pair. Without an answer (the parent is gone, or stopped
+    listening), the copies inherited at the fork decide."""
+
+    def __init__(self, sock, throttle, clock):
+        self.sock = sock
+        sock.settimeout(5)
+        self.lock = threading.Lock()  # a server process asks from several worker threads
+        self.key = throttle.key  # inherited: the parent's key for the marks
+        self.throttle = RemoteThrottle(self, throttle)
+        self.clock = RemoteClock(self, clock)
+
+    def mailbox_mark(self, mailbox):
+        return hashlib.blake2b(mailbox.encode("utf-8", "surrogateescape"), key=self.key, digest_size=16).digest()
+
+    def ask(self, line):
+        """The parent's answer as a float; None if there is none."""
+        with self.lock:
+            try:
+                self.sock.sendall(line)
+                return float(self.sock.recv(64).decode())  # one short line
+            except (OSError, ValueError):
+                return None
+
+    def tell(self, line):
+        with self.lock:
+            try:
+                self.sock.sendall(line)
+            except OSError:
+                pass
+
+
+class RemoteThrottle(LoginThrottle):
+    def __init__(self, channel, inherited):
+        self.__dict__.update(inherited.__dict__)
+        self.lock = threading.Lock()
+        self.channel = channel
+
+    def failed_mark(self, address, mark):
+        local = super().failed_mark(address, mark)
+        answer = self.channel.ask(b"failed %s %s\n" % (address.encode(), mark.hex().encode()))
+        return local if answer is None else answer
+
+    def succeeded(self, address):
+        super().succeeded(address)
+        self.channel.tell(b"succeeded %s\n" % address.encode())
+
+
+class RemoteClock(LoginDelayClock):
+    def __init__(self, channel, inherited):
+        self.__dict__.update(inherited.__dict__)
+        self.lock = threading.Lock()
+        self.channel = channel
+
+    def wait_needed(self, mailbox, delay):
+        if delay <= 0:
+            return 0
+        local = super().wait_needed(mailbox, delay)
+        answer = self.channel.ask(b"wait %s\n" % self.channel.mailbox_mark(mailbox).hex().encode())
+        return local if answer is None else answer
+
+    def logged_in(self, mailbox, delay):
+        if delay <= 0:
+            return
+        super().logged_in(mailbox, delay)
+        self.channel.tell(b"logged-in %s\n" % self.channel.mailbox_mark(mailbox).hex().encode())
