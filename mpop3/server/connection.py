@@ -54,7 +54,7 @@ class Connection:
     __slots__ = (
         "service", "loop", "transport", "peer", "core", "reader", "pending", "out", "handle", "closed",
         "last_active", "stream", "write_paused", "pump_scheduled", "eof", "reading_paused", "closed_waiter",
-        "counted",
+        "counted", "opened",
     )
 
     def __init__(self, service):
@@ -76,6 +76,7 @@ class Connection:
         self.reading_paused = False
         self.closed_waiter = None  # a future a one-session process waits on
         self.counted = False  # admitted: the service counts us
+        self.opened = None  # a jobs.Opened the login job got ahead of the core
 
     # --- connection events ---------------------------------------------------
 
@@ -234,14 +235,19 @@ class Connection:
 
     def check_login(self, action):
         service = self.service
-        service.workers.submit(lambda result, exc: self.login_checked(result, exc, action), jobs.check_login,
-                               service.tables.auth, service.limits, self.peer, action)
+        service.workers.submit(lambda result, exc: self.login_checked(result, exc, action), jobs.log_in,
+                               service.tables, service.limits, self.peer, action, service.before_open)
 
-    def login_checked(self, mailbox, exc, action):
-        if self.closed:
-            return
+    def login_checked(self, result, exc, action):
         if exc is None:
+            mailbox, opened = result
+            if self.closed:
+                self.mailbox_opened(opened)  # only to release it
+                return
+            self.opened = opened
             self.answer(self.core.login_checked(mailbox))
+        elif self.closed:
+            return
         elif isinstance(exc, LoginFailed):
             delay = exc.args[0]
             log.warning("%s: failed login%s; answering in %.1f s", self.peer,
@@ -266,23 +272,28 @@ class Connection:
         self.answer(self.core.login_refused(exc))
 
     def open_mailbox(self, action):
-        service = self.service
-        service.workers.submit(self.mailbox_opened, jobs.open_mailbox, service.tables.storage, service.limits,
-                               self.peer, action.mailbox, service.before_open)
-
-    def mailbox_opened(self, opened, exc):
-        if exc is not None:
-            if not self.closed:
-                self.login_refused(exc, self.core.login_user)
+        opened, self.opened = self.opened, None
+        if opened is not None and opened.mailbox == action.mailbox:  # the login job did it
+            self.mailbox_opened(opened)
             return
-        self.handle, sizes, uidl = opened
+        service = self.service
+        service.workers.submit(lambda opened, exc: self.mailbox_opened(opened or jobs.Opened(action.mailbox, error=exc)),
+                               jobs.open_mailbox, service.tables.storage, service.limits, self.peer,
+                               action.mailbox, service.before_open)
+
+    def mailbox_opened(self, opened):
+        if opened.error is not None:
+            if not self.closed:
+                self.login_refused(opened.error, self.core.login_user)
+            return
+        self.handle, sizes = opened.handle, opened.sizes
         if self.closed:
             self.release()
             return
         if log.isEnabledFor(logging.INFO):
             log.info("%s: %s logged in, %d message%s (%d octets)", self.peer, self.core.mailbox,
                      len(sizes), "" if len(sizes) == 1 else "s", sum(sizes))
-        self.answer(self.core.mailbox_opened(sizes, uidl))
+        self.answer(self.core.mailbox_opened(sizes, opened.uidl))
 
     # --- TRANSACTION: what needs the storage module --------------------------
 

@@ -7,6 +7,9 @@ the connection feeds back to the core.
   held to the mailbox name rules and to LOGIN-DELAY.
 - open_mailbox: OpenMailbox. Gives up root if this process must (a hook,
   mpop3/server/privs.py), then locks and indexes the mailbox.
+- log_in: both in one job. Good credentials are always followed by
+  OpenMailbox, and where one process does both, one trip to a worker thread
+  instead of two saves a quarter of a login's CPU.
 - commit: Commit. UPDATE: remove the deleted messages, release.
 
 The `limits` argument is a Limits: the throttle and the LOGIN-DELAY clock
@@ -53,8 +56,30 @@ def check_login(auth, limits, peer, action):
     return mailbox
 
 
+@dataclass
+class Opened:
+    """An open_mailbox outcome: the module's handle and what the core needs,
+    or the error that stopped it."""
+
+    mailbox: str
+    handle: object = None
+    sizes: list = None
+    uidl: bool = False
+    error: Exception | None = None
+
+
+def log_in(tables, limits, peer, action, before_open=None):
+    """check_login, then open_mailbox: (mailbox, Opened). Bad credentials
+    raise as check_login does; a mailbox that does not open is in Opened."""
+    mailbox = check_login(tables.auth, limits, peer, action)
+    try:
+        return mailbox, open_mailbox(tables.storage, limits, peer, mailbox, before_open)
+    except Exception as e:
+        return mailbox, Opened(mailbox, error=e)
+
+
 def open_mailbox(storage, limits, peer, mailbox, before_open=None):
-    """(handle, sizes, uidl supported) of the opened mailbox.
+    """The opened mailbox, as an Opened.
     `before_open(mailbox)`, if given, is where a process gives up root."""
     if before_open is not None:
         before_open(mailbox)
@@ -70,7 +95,7 @@ def open_mailbox(storage, limits, peer, mailbox, before_open=None):
         raise
     limits.clock.logged_in(mailbox, limits.login_delay)
     limits.throttle.succeeded(peer)
-    return handle, sizes, uidl
+    return Opened(mailbox, handle, sizes, uidl)
 
 
 def commit(storage, handle, deleted):
