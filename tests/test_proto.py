@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpop3.protocol import _parser as _proto
+from mpop3.protocol.commands import COMMANDS, Args
 from mpop3.protocol import parser_reference as proto_reference
 
 IMPLS = pytest.mark.parametrize("proto", [_proto, proto_reference], ids=["c", "py"])
@@ -143,3 +144,24 @@ def test_line_reader_matches_reference(data, cuts, max_line):
         assert c.feed(piece) == py.feed(piece)
         assert c.pending == py.pending
         previous = point
+
+
+# What each argument shape accepts, and a line it refuses.
+SHAPES = {Args.NONE: (b"", b" x"), Args.WORD: (b" w", b""), Args.REST: (b" a b ", b""),
+          Args.WORD_WORD: (b" a b", b" a"), Args.WORD_OPT_WORD: (b" a", b" a b c"), Args.NUM: (b" 1", b" x"),
+          Args.OPT_NUM: (b"", b" x"), Args.NUM_COUNT: (b" 1 2", b" 1")}
+
+
+def test_every_argument_shape_is_known_to_the_parsers():
+    assert set(SHAPES) == set(Args)
+    assert set(_proto.KINDS) == set(Args)
+
+
+@IMPLS
+@pytest.mark.parametrize("command", COMMANDS, ids=[c.verb for c in COMMANDS])
+def test_the_parsers_follow_the_command_table(proto, command):
+    """Ids and argument shapes come from commands.COMMANDS, in both parsers."""
+    accepted, refused = SHAPES[command.args]
+    assert proto.parse_command(command.verb.lower().encode() + accepted)[0] == command.id
+    assert proto.parse_command(command.verb.encode() + refused) == (proto.BAD_ARGS, command.id, None)
+    assert proto.NAMES[command.id] == command.verb
