@@ -143,6 +143,25 @@ def test_a_lying_session_process_cannot_hurt_the_listener(tmp_path, test_modules
     assert "Traceback" not in log
 
 
+def test_a_session_process_cannot_lie_about_logins_either(tmp_path, test_modules):
+    """The LOGIN-DELAY reports are held to the same rules: a malformed
+    mark, or a second login from one session, and the listener stops
+    listening to that process."""
+    conf = write_site(tmp_path, {}, {"vera": SPOOL}, extra={"login_delay": "60"})
+    text = open(conf).read().replace("auth_module auth_file", f"auth_module {test_modules['lying_auth']}")
+    open(conf, "w").write("\n".join(line for line in text.splitlines() if "passwd_file" not in line) + "\n")
+    with Spawned(conf) as server:
+        for lie in (3, 4):
+            w = Wire(server.port)
+            w.cmd("USER liar-%d" % lie)
+            assert w.cmd("PASS x").startswith(b"-ERR [AUTH]")
+        w = Wire(server.port)
+        w.login("vera", "pw")  # the listener goes on serving
+        log = listener_log(server)
+    assert log.count("malformed report") == 2, log
+    assert "Traceback" not in log
+
+
 def test_a_session_process_that_cannot_start_is_refused_and_the_listener_goes_on(tmp_path):
     conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL})
     with Spawned(conf) as server:

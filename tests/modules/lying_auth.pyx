@@ -13,6 +13,8 @@ LIES = [
     b"failed 127.0.0.1 zz\n",  # not hex (and an address of its choosing)
     b"succeeded 10.9.9.9\n",
     b"f" * 5000,  # no end of line, and far longer than any report
+    b"wait 0123\n",  # a mailbox mark too short
+    b"logged-in %s\nlogged-in %s\n" % (b"ab" * 16, b"cd" * 16),  # a session logs in once
 ]
 
 
