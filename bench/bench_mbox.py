@@ -16,7 +16,7 @@ import tracemalloc
 
 import pytest
 
-from mpop3 import _mbox
+from mpop3.mbox import _kernels
 from mpop3.loader import import_module_file
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +130,7 @@ def test_retr_transform_vs_bytes_replace(benchmark, report):
     pieces = [content[k:k + 65536] for k in range(0, len(content), 65536)]
 
     def transform():
-        writer = _mbox.DotWriter()
+        writer = _kernels.DotWriter()
         for piece in pieces:  # as RETR does it: 64 KiB reads
             writer.feed(piece)
         return writer.finish()

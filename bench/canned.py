@@ -15,7 +15,7 @@ import sys
 import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mpop3 import mbox_reference  # noqa: E402
+from mpop3.mbox import kernels_reference as mbox_reference  # noqa: E402
 
 
 def prepare(path):

@@ -5,7 +5,7 @@ import glob
 import os
 import random
 
-from mpop3 import mbox_reference
+from mpop3.mbox import kernels_reference as mbox_reference
 from mpop3.loader import import_module_file
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

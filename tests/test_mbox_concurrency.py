@@ -17,7 +17,7 @@ import pytest
 from mbox_helpers import TREE, message, spool_of, storage
 from pop_server import Spawned, served_as_safe_user, write_site
 
-from mpop3 import mbox_reference as ref
+from mpop3.mbox import kernels_reference as ref
 
 PROCMAIL = shutil.which("procmail")
 
@@ -102,7 +102,7 @@ COMMITTER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tree!r}); sys.path.insert(0, {tree!r} + "/tests")
     from mbox_helpers import storage
-    from mpop3 import mbox_commit
+    from mpop3.mbox import commit as mbox_commit
     kill_at = int(sys.argv[1])
     taken = []
     def hook(step):
@@ -209,7 +209,7 @@ def test_procmail_waits_for_the_dot_lock_and_the_fcntl_lock_we_take(tmp_path):
     spool.write_bytes(spool_of(1))
     rcfile = tmp_path / "procmailrc"
     rcfile.write_text(f"SHELL=/bin/sh\nLOCKSLEEP=1\n:0:\n{spool}\n")
-    from mpop3.mbox_lock import spool_locks
+    from mpop3.mbox.lock import spool_locks
     fd = os.open(spool, os.O_RDWR)
     try:
         for methods in (("dotlock",), ("fcntl",)):

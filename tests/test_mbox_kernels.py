@@ -1,5 +1,5 @@
-"""The Cython mbox kernels (mpop3/_mbox.pyx) against the plain-Python
-reference (mpop3/mbox_reference.py): same messages, sizes, ids and RETR/TOP
+"""The Cython mbox kernels (mpop3/mbox/_kernels.pyx) against the plain-Python
+reference (mpop3/mbox/kernels_reference.py): same messages, sizes, ids and RETR/TOP
 bytes, on hand-made and hundreds of generated spools, cut at any point."""
 
 import itertools
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mbox_helpers import PIECES, random_spool, seeded, spool_of
 
-from mpop3 import _mbox
-from mpop3 import mbox_reference as ref
+from mpop3.mbox import _kernels
+from mpop3.mbox import kernels_reference as ref
 
 # (spool, [(size, RETR bytes)]) -- what a client sees, written out by hand.
 HAND_MADE = [
@@ -38,7 +38,7 @@ HAND_MADE = [
 
 
 def index_of(data, cuts=None):
-    scanner = _mbox.Scanner()
+    scanner = _kernels.Scanner()
     pos = 0
     for cut in cuts or [len(data)]:
         scanner.feed(data[pos:pos + cut])
@@ -58,7 +58,7 @@ def reference_rows(data):
 
 def retr(data, index, i, body_lines=None, piece=65536):
     content = data[index.data(i):index.end(i)]
-    writer = _mbox.DotWriter(body_lines)
+    writer = _kernels.DotWriter(body_lines)
     out = b"".join(writer.feed(content[k:k + piece]) for k in range(0, len(content), piece))
     return out + writer.finish()
 
@@ -88,7 +88,7 @@ def test_every_split_point_of_a_tricky_spool():
     data = b"From a\r\nS: x\r\n\r\n.\r\nFrom b\r\n\r\nFrom c\n..\n\nFrom d\r\n\rq\0\n\n"
     expected = reference_rows(data)
     for i, j in itertools.combinations_with_replacement(range(len(data) + 1), 2):
-        scanner = _mbox.Scanner()
+        scanner = _kernels.Scanner()
         for piece in (data[:i], data[i:j], data[j:]):
             scanner.feed(piece)
         assert view_of(scanner.finish()) == expected, (i, j)
@@ -169,10 +169,10 @@ def test_scan_fd_reads_exactly_the_given_length(tmp_path):
     path.write_bytes(data + b"From late\n\nappended after the scan\n")
     fd = os.open(path, os.O_RDONLY)
     try:
-        index = _mbox.scan_fd(fd, len(data))
+        index = _kernels.scan_fd(fd, len(data))
         assert view_of(index) == reference_rows(data)
         assert index.length == len(data)
-        chunks = list(_mbox.dump(fd, index.data(7), index.end(7)))
+        chunks = list(_kernels.dump(fd, index.data(7), index.end(7)))
         assert b"".join(chunks) == ref.render(data[index.data(7):index.end(7)])
     finally:
         os.close(fd)
@@ -184,8 +184,8 @@ def test_dump_reads_a_large_message_in_bounded_chunks(tmp_path):
     path.write_bytes(b"From a\nS: big\n\n" + body + b"\n")
     fd = os.open(path, os.O_RDONLY)
     try:
-        index = _mbox.scan_fd(fd, os.fstat(fd).st_size)
-        chunks = list(_mbox.dump(fd, index.data(0), index.end(0)))
+        index = _kernels.scan_fd(fd, os.fstat(fd).st_size)
+        chunks = list(_kernels.dump(fd, index.data(0), index.end(0)))
         assert max(len(c) for c in chunks) <= 2 * 65536
         assert len(chunks) > 30
         assert b"".join(chunks) == b"S: big\r\n\r\n" + body.replace(b"\n", b"\r\n") + b".\r\n"
@@ -230,13 +230,13 @@ def test_a_scan_in_a_worker_thread_lets_other_threads_run(tmp_path):
     one_scan = float("inf")
     for _ in range(2):
         started = time.perf_counter()
-        _mbox.scan_fd(fd, os.fstat(fd).st_size)
+        _kernels.scan_fd(fd, os.fstat(fd).st_size)
         one_scan = min(one_scan, time.perf_counter() - started)
     done = threading.Event()
 
     def work():
         for _ in range(3):
-            _mbox.scan_fd(fd, os.fstat(fd).st_size)
+            _kernels.scan_fd(fd, os.fstat(fd).st_size)
         done.set()
 
     worker = threading.Thread(target=work)

@@ -16,7 +16,7 @@ import time
 import pytest
 from mbox_helpers import MODULE_PATH, TREE, message, reference_view, spool_of, storage
 
-from mpop3 import mbox_commit
+from mpop3.mbox import commit as mbox_commit
 from mpop3.errors import MailboxInUse, StoragePermError, StorageTempError
 
 
@@ -507,7 +507,7 @@ def test_with_fcntl_only_a_dot_lock_does_not_stop_us(spool_dir):
 def test_we_remove_only_our_own_dot_lock(spool_dir):
     # if our lock was judged stale and another program's lock replaced it,
     # releasing ours must not remove theirs
-    from mpop3.mbox_lock import spool_locks
+    from mpop3.mbox.lock import spool_locks
     spool = spool_dir / "bob"
     spool.write_bytes(spool_of(1))
     with spool_locks(str(spool), None, ("dotlock",), True, 1, 1024):

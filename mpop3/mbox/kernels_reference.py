@@ -1,8 +1,8 @@
-"""The mbox rules in plain Python: the readable spec of mpop3/_mbox.pyx.
+"""The mbox rules in plain Python: the readable spec of _kernels.pyx.
 
 Slow and whole-file at a time on purpose; the tests check the Cython
 kernels against it byte for byte. The rules are listed at the top of
-_mbox.pyx and in docs/mbox.md.
+_kernels.pyx and in docs/mbox.md.
 """
 
 from dataclasses import dataclass

@@ -1,9 +1,9 @@
 # cython: cdivision=True
 """mbox kernels: find the messages of a spool, size and name them, and write
-them out the way POP3 wants them (DESIGN section 6).
+them out the way POP3 wants them (docs/mbox.md, "What a client sees").
 
 The rules, shared word for word with the plain-Python twin in
-mpop3/mbox_reference.py (the tests hold the two to the same bytes):
+mpop3/mbox/kernels_reference.py (the tests hold the two to the same bytes):
 
 - A message starts at a line beginning "From " at offset 0 or right after an
   empty line ("\\n" or "\\r\\n"). Bytes before the first such line (a spool
@@ -22,7 +22,8 @@ mpop3/mbox_reference.py (the tests hold the two to the same bytes):
   mailbox with the same hash (byte-identical duplicates).
 
 Kernels (cdef ... nogil) touch no Python objects and raise nothing; the def
-shells around them own buffers, build bytes and raise.
+shells around them own buffers, build bytes and raise. The structs and
+classes are declared in _kernels.pxd, which says how they relate.
 """
 
 import os
@@ -31,6 +32,7 @@ from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF
+from cpython.unicode cimport PyUnicode_DecodeASCII
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memchr, memcpy, memset
 from posix.unistd cimport pread
@@ -155,13 +157,6 @@ cdef enum:
     DUMP_READ = 64 * 1024      # RETR/TOP reads: one chunk per next()
 
 
-ctypedef struct HashState:
-    uint64_t h
-    uint64_t carry      # bytes not yet mixed (fewer than 8), little-endian
-    int carry_n
-    uint64_t length
-
-
 cdef inline void hash_init(HashState *hs) noexcept nogil:
     hs.h = HASH_SEED
     hs.carry = 0
@@ -200,37 +195,7 @@ cdef uint64_t hash_final(HashState *hs, uint64_t size) noexcept nogil:
     return mbox_fmix64(h)
 
 
-# ---- the index: one fixed-size record per message --------------------------
-
-ctypedef struct MsgEntry:
-    int64_t start       # the From line (or 0 for a spool's leading junk)
-    int64_t data        # the content, after the From line
-    int64_t end         # end of the content (the separator excluded)
-    int64_t size        # octets RETR sends, before dot-stuffing
-    uint64_t hash
-    uint32_t dup        # earlier messages with the same hash: the uid suffix
-
-
-ctypedef struct ScanState:
-    int64_t offset          # file offset of the next buffer's first byte
-    int at_line_start
-    int64_t line_start
-    int candidate           # this line may be a From line
-    int match               # bytes of "From " matched so far
-    int in_from_line
-    int in_header           # hashing: From line and header, up to the empty line
-    int prev_empty          # the last complete line was empty ...
-    int prev_empty_len      # ... this long ...
-    int prev_bare           # ... and ended in a bare LF
-    char last_byte          # the byte before the next buffer
-    int have_msg
-    int64_t bare_lf         # bare LFs in the current content (each adds a CR)
-    HashState hash
-    MsgEntry cur
-    MsgEntry *msgs
-    Py_ssize_t count
-    Py_ssize_t cap
-
+# ---- the scan: one MsgEntry per message (the structs: _kernels.pxd) --------
 
 cdef const char *FROM_ = b"From "
 
@@ -387,9 +352,6 @@ cdef class MboxIndex:
     48 bytes a message (with padding), in one C array; the per-message Python objects
     (sizes, ids) are made only when asked for.
     """
-    cdef MsgEntry *msgs
-    cdef Py_ssize_t count
-    cdef readonly int64_t length      # bytes of the spool the scan covered
 
     def __dealloc__(self):
         PyMem_RawFree(self.msgs)
@@ -397,43 +359,33 @@ cdef class MboxIndex:
     def __len__(self):
         return self.count
 
-    cdef MsgEntry *_at(self, Py_ssize_t i) except NULL:
+    cdef MsgEntry *entry(self, Py_ssize_t i) except NULL:
         if i < 0 or i >= self.count:
             raise IndexError("no such message")
         return &self.msgs[i]
 
     def start(self, Py_ssize_t i):
         """Offset of the message's From line: where its record begins."""
-        return self._at(i).start
+        return self.entry(i).start
 
     def data(self, Py_ssize_t i):
         """Offset of the content (after the From line)."""
-        return self._at(i).data
+        return self.entry(i).data
 
     def end(self, Py_ssize_t i):
         """Offset just past the content (before the separator)."""
-        return self._at(i).end
+        return self.entry(i).end
 
     def record_end(self, Py_ssize_t i):
         """Offset where the next record begins (or the scanned length)."""
-        self._at(i)
+        self.entry(i)
         return self.msgs[i + 1].start if i + 1 < self.count else self.length
 
     def size(self, Py_ssize_t i):
-        return self._at(i).size
+        return self.entry(i).size
 
     def uid(self, Py_ssize_t i):
-        cdef MsgEntry *m = self._at(i)
-        if m.dup:
-            return f"{m.hash:016x}-{m.dup}"
-        return f"{m.hash:016x}"
-
-    def total_size(self):
-        cdef int64_t total = 0
-        cdef Py_ssize_t i
-        for i in range(self.count):
-            total += self.msgs[i].size
-        return total
+        return mbox_uid(self.entry(i))
 
     @property
     def nbytes(self):
@@ -441,37 +393,36 @@ cdef class MboxIndex:
         return self.count * sizeof(MsgEntry)
 
     @property
-    def sizes(self):
-        return _Column(self, self.size)
-
-    @property
     def uids(self):
-        return _Column(self, self.uid)
+        """Every message's unique id, in order."""
+        cdef Py_ssize_t i
+        return [mbox_uid(&self.msgs[i]) for i in range(self.count)]
 
 
-class _Column:
-    """A read-only sequence computed from the index on demand."""
+cdef const char *HEX_DIGITS = b"0123456789abcdef"
 
-    __slots__ = ("_index", "_get")
 
-    def __init__(self, index, get):
-        self._index = index
-        self._get = get
-
-    def __len__(self):
-        return len(self._index)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self._get(k) for k in range(*i.indices(len(self._index)))]
-        if i < 0:
-            i += len(self._index)
-        return self._get(i)
-
-    def __iter__(self):
-        get = self._get
-        for i in range(len(self._index)):
-            yield get(i)
+cdef str mbox_uid(const MsgEntry *m):
+    # The hash in 16 lowercase hex digits, "-N" for the N-th earlier message
+    # with the same hash: at most 27 characters. Written out by hand, which
+    # costs less than snprintf() or a Python format.
+    cdef char buf[32]
+    cdef char *p = buf + 32
+    cdef uint64_t h = m.hash
+    cdef uint32_t dup = m.dup
+    cdef int k
+    while dup:
+        p -= 1
+        p[0] = <char>(c'0' + dup % 10)
+        dup //= 10
+    if m.dup:
+        p -= 1
+        p[0] = c'-'
+    for k in range(16):
+        p -= 1
+        p[0] = HEX_DIGITS[h & 15]
+        h >>= 4
+    return PyUnicode_DecodeASCII(p, buf + 32 - p, NULL)
 
 
 cdef MboxIndex _index_from(ScanState *st):
@@ -495,7 +446,6 @@ cdef MboxIndex _index_from(ScanState *st):
 
 cdef class Scanner:
     """Index a spool fed in pieces of any size (tests cut at every point)."""
-    cdef ScanState st
 
     def __cinit__(self):
         memset(&self.st, 0, sizeof(ScanState))
@@ -563,15 +513,6 @@ def scan_fd(int fd, int64_t length):
 
 # ---- RETR and TOP output ----------------------------------------------------
 
-ctypedef struct DotState:
-    int at_line_start
-    char last               # the last source byte taken
-    int64_t line_len        # source bytes of the current line so far
-    int in_header
-    int64_t body_left       # body lines still to send; -1: all of them
-    int done
-
-
 cdef Py_ssize_t dot_write(DotState *st, const char *src, Py_ssize_t n, char *dst) noexcept nogil:
     # Content bytes in, wire bytes out: line ends to CRLF, "." stuffed at a
     # line start. dst holds 2 * n + 16 bytes. Stops once TOP has its lines.
@@ -622,7 +563,6 @@ cdef Py_ssize_t dot_write(DotState *st, const char *src, Py_ssize_t n, char *dst
 
 cdef class DotWriter:
     """One message's content in, its RETR/TOP wire form out, in chunks."""
-    cdef DotState st
 
     def __cinit__(self, body_lines=None):
         self.st.at_line_start = 1

@@ -24,7 +24,7 @@ import os
 import struct
 import zlib
 
-from ._mbox import start_writeback
+from ._kernels import start_writeback
 
 MAGIC = b"MPOP3JN1"
 FIXED = struct.Struct("<8sQQQQQII")  # magic dev ino old_size start length head_n tail_n

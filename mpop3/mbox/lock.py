@@ -21,7 +21,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from .errors import MailboxInUse, StorageTempError
+from ..errors import MailboxInUse, StorageTempError
 
 LOCK_METHODS = ("dotlock", "fcntl")
 POLL = 0.05  # first wait between lock attempts; doubles up to POLL_MAX
