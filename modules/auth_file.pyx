@@ -15,7 +15,7 @@ import logging
 import os
 import re
 
-from mpop3._crypt import crypt
+from mpop3.passwords import crypt_matches
 
 MPOP3_MODULE_CLASS = "auth"
 MPOP3_SETTINGS = {
@@ -44,7 +44,7 @@ class PasswordFile:
         self.path = path
         self.stamp = None  # (inode, mtime, size) of the version we read
         self.entries = {}
-        self.dummy_hash = None  # a hash from the file, for unknown users
+        self.dummy_hash = None  # a hash from the file (bytes), for unknown users
 
     def refresh(self):
         try:
@@ -82,7 +82,7 @@ class PasswordFile:
                 continue
             entries[user] = value
             if value.hashed and dummy is None:
-                dummy = value.secret
+                dummy = value.secret.encode("utf-8", "surrogateescape")
         self.entries = entries
         self.dummy_hash = dummy
 
@@ -145,13 +145,10 @@ def auth_attempt_login(user, password):
     given = password.encode("utf-8", "surrogateescape")
     if entry is not None and entry.hashed:
         stored = entry.secret.encode("utf-8", "surrogateescape")
-        if hmac.compare_digest(crypt(given, stored) or b"*", stored):
-            return entry.mailbox
-        return None
+        return entry.mailbox if crypt_matches(given, stored) else None
     if entry is not None and hmac.compare_digest(entry.secret.encode("utf-8", "surrogateescape"), given):
         return entry.mailbox
     # an unknown user, or a wrong plaintext password: spend a hash's worth too
-    if passwords.dummy_hash is not None:
-        crypt(given, passwords.dummy_hash.encode("utf-8", "surrogateescape"))
+    crypt_matches(given, None, passwords.dummy_hash)
     hmac.compare_digest(DUMMY_PLAIN.encode(), given)
     return None

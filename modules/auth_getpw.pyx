@@ -7,16 +7,14 @@ below min_uid (system accounts), locked or disabled passwords ("!", "*",
 empty), and expired accounts. A refusal for any reason costs one crypt(3)
 call, as a wrong password does, so timing does not tell which users exist.
 """
-# distutils: libraries = crypt
 
 include "mpop3_module.pxi"
 
-import hmac
 import time
 
 from libc.stdlib cimport free, malloc
 
-from mpop3._crypt import crypt, gensalt
+from mpop3.passwords import crypt, crypt_matches, gensalt
 from mpop3.errors import ModuleInitError
 
 MPOP3_MODULE_CLASS = "auth"
@@ -101,12 +99,8 @@ def usable(account):
 
 def auth_attempt_login(user, password):
     account = account_hash(user)
-    given = password.encode("utf-8", "surrogateescape")
-    if account is None or not usable(account):
-        crypt(given, dummy_hash)
-        return None
-    stored = account[1]
-    if hmac.compare_digest(crypt(given, stored) or b"*", stored):
+    stored = account[1] if account is not None and usable(account) else None
+    if crypt_matches(password.encode("utf-8", "surrogateescape"), stored, dummy_hash):
         return user
     return None
 

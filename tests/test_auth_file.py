@@ -11,7 +11,7 @@ import pytest
 from pop_server import TREE, ServerThread, Wire
 
 from mpop3 import config, loader, replies
-from mpop3._crypt import crypt
+from mpop3.passwords import crypt
 
 YESCRYPT = crypt(b"yes-pw", b"$y$j9T$abcdefghijklmnop$").decode()
 SLOW_YESCRYPT = crypt(b"slow-pw", b"$y$jDT$abcdefghijklmnop$").decode()  # ~0.3 s per check
