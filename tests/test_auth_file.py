@@ -10,8 +10,9 @@ import time
 import pytest
 from pop_server import TREE, ServerThread, Wire
 
-from mpop3 import config, loader, replies
+from mpop3 import config, loader
 from mpop3.passwords import crypt
+from mpop3.protocol import replies
 
 YESCRYPT = crypt(b"yes-pw", b"$y$j9T$abcdefghijklmnop$").decode()
 SLOW_YESCRYPT = crypt(b"slow-pw", b"$y$jDT$abcdefghijklmnop$").decode()  # ~0.3 s per check
