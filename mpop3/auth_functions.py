@@ -98,7 +98,7 @@ class AuthFunctions(FunctionTable):
     def auth_need_root(self):
         """Whether authenticating needs root (e.g. to read /etc/shadow).
 
-        Decides when the server gives up root (DESIGN section 5): if true,
+        Decides when the server gives up root (README.md, "Privileges"): if true,
         a session keeps root until it has authenticated.
         Default: False.
         """

@@ -23,8 +23,8 @@ StorageTempError (-ERR [SYS/TEMP]) or StoragePermError (-ERR [SYS/PERM]).
 Entries may block (disk I/O): the server calls the slow ones, lock and
 synch, off its event loop.
 
-Privileges: every entry runs after the switch away from root (DESIGN
-section 5), as the user storage_need_user() asked for.
+Privileges: every entry runs after the switch away from root (README.md,
+"Privileges"), as the user storage_need_user() asked for.
 
 The defaults describe an empty mailbox, so a configuration without a
 storage module serves nothing rather than failing.
