@@ -73,6 +73,8 @@ def print_check(conf, tables):
     print("modules:")
     for m in tables.modules:
         print(f"  {m.kind:<7}  {m.name}  {m.path}")
+        for warning in m.warnings:
+            print(f"           warning: {warning}")
     if not tables.modules:
         print("  (none)")
     for line in loader.function_map(tables):

@@ -1,17 +1,22 @@
 """Load auth and storage modules and build the two function tables.
 
-The rules (DESIGN section 2), as the C program's README promised them:
-modules load in config order; for each table entry the first module of that
-class defining it wins; entries no module defines keep the table's default.
-(The C loader let the last module win and reset the rest to NULL; we don't.)
+The rules, as the C program's README promised them: modules load in config
+order; for each table entry the first module of that class defining it
+wins; entries no module defines keep the table's default. (The C loader let
+the last module win and reset the rest to NULL; we don't.) A module that
+cannot be used is refused with one line naming the file and why; a module
+that defines a function no table has (a misspelt storage_synch) is loaded
+with a warning, since that function would never be called.
 """
 
 import importlib.machinery
 import importlib.util
 import logging
 import os
+import re
 import stat
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 from . import ABI_VERSION
 from .auth_functions import AuthFunctions
@@ -21,6 +26,9 @@ from .storage_functions import StorageFunctions
 
 log = logging.getLogger("mpop3.module")
 
+TABLES = {"auth": AuthFunctions, "storage": StorageFunctions}
+# what mpop3_module.pxi writes into every module's file
+BUILT_FOR = re.compile(rb"mpop3-module-built-for-python:(\d+\.\d+);")
 
 
 @dataclass
@@ -29,6 +37,7 @@ class LoadedModule:
     path: str
     kind: str
     module: object
+    warnings: list = field(default_factory=list)  # shown at load and by --check-config
 
 
 @dataclass
@@ -52,8 +61,27 @@ def load_modules(config):
                     if callable(getattr(module, entry, None)) and table.supply(entry, getattr(module, entry), name)]
         log.info("loaded %s module %s (ABI %d), supplying: %s", line.kind, path,
                  module.MPOP3_ABI_VERSION, ", ".join(supplied) or "nothing new")
-        loaded.append(LoadedModule(name, path, line.kind, module))
+        warnings = unknown_functions(module, line.kind)
+        for warning in warnings:
+            log.warning("%s: module %s: %s", line.where, path, warning)
+        loaded.append(LoadedModule(name, path, line.kind, module, warnings))
     return Tables(tables["auth"], tables["storage"], loaded)
+
+
+def unknown_functions(module, kind):
+    """Why a function the module defines will never be called: named like a
+    table entry, but no table has it, or it belongs to the other class."""
+    warnings = []
+    for attribute in sorted(vars(module)):
+        for other_kind, table in TABLES.items():
+            if not attribute.startswith(other_kind + "_") or not callable(getattr(module, attribute)):
+                continue
+            if other_kind != kind and attribute in table.entry_names():
+                warnings.append(f"defines {attribute}, a {other_kind} function: a {kind} module's is never called")
+            elif attribute not in table.entry_names():
+                warnings.append(f"defines {attribute}, which is not in the {other_kind} table "
+                                f"(misspelt?): it is never called")
+    return warnings
 
 
 def import_module_file(path, where):
@@ -75,10 +103,32 @@ def import_module_file(path, where):
         loader.exec_module(module)
     except ImportError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(where, f"module {path}: not an mpop3 module (cannot load it: {reason})") from None
+        raise ConfigError(where, f"module {path}: {why_not_loadable(path, reason)}") from None
     except Exception as e:  # the module's own import-time code failed
         raise ConfigError(where, f"module {path}: failed to load: {type(e).__name__}: {e}") from None
     return module
+
+
+def why_not_loadable(path, reason):
+    """What to tell about a file that would not import. A module built for
+    another Python fails with a linker's complaint about a missing symbol;
+    its own record of the Python it was built for says it better."""
+    ours = f"{sys.version_info.major}.{sys.version_info.minor}"
+    try:
+        with open(path, "rb") as f:
+            found = BUILT_FOR.search(f.read(64 * 1024 * 1024))
+    except OSError:
+        found = None
+    if found is not None:
+        built_for = found.group(1).decode()
+        if built_for != ours:
+            return (f"built for Python {built_for}, but this mpop3 runs Python {ours}: "
+                    f"rebuild it with this mpop3's module.mk (cannot load it: {reason})")
+        return f"cannot load it: {reason}"
+    if re.search(r"undefined symbol: _?Py", reason):
+        return (f"built for another Python than this mpop3's {ours}, it seems: rebuild it with this "
+                f"mpop3's module.mk (cannot load it: {reason})")
+    return f"not an mpop3 module (cannot load it: {reason})"
 
 
 def unsafe_for_root(path):

@@ -2,10 +2,13 @@
 defaults for the rest, settings handed over, and every refusal as one line.
 Test modules are built out of tree with the installed module.mk."""
 
+import glob
 import os
 import re
+import subprocess
+import sys
 
-from conftest import run_mpop3
+from conftest import TREE, run_mpop3
 from mpop3 import config, loader
 from test_config import assert_one_line_error, write_conf
 
@@ -150,3 +153,57 @@ def test_root_loads_modules_only_from_root_owned_unwritable_places(tmp_path, tes
     os.chown(loose, 65534, 65534)
     assert_one_line_error(run_mpop3("--check-config", "-c", conf), f"{conf}:1",
                           rf"directory {loose} is owned by uid 65534, not root")
+
+
+def test_functions_no_table_has_are_named_at_load_and_by_check_config(tmp_path, test_modules, caplog):
+    text = f"storage_module {test_modules['misspelt_storage']}\n"
+    tables = load(text)
+    assert tables.storage.supplied_by["storage_message_count"] == "misspelt_storage"
+    assert "storage_synk, which is not in the storage table (misspelt?)" in caplog.text
+    assert "auth_password, a auth function: a storage module's is never called" in caplog.text
+    result = run_mpop3("--check-config", "-c", write_conf(tmp_path, text))
+    assert result.returncode == 0, result.stderr
+    assert "warning: defines storage_synk, which is not in the storage table" in result.stdout
+    assert "warning: defines auth_password, a auth function" in result.stdout
+
+
+# What a module built for another Python looks like to this one: the record
+# mpop3_module.pxi leaves in every module, and a C API function this Python
+# lacks, so that importing it fails in the dynamic linker.
+OTHER_PYTHON_MODULE = """
+%s
+extern void PyUnicode_OnlyInAnotherPython(void);
+void *PyInit_other_python(void) { PyUnicode_OnlyInAnotherPython(); return 0; }
+"""
+
+
+def build_c_module(tmp_path, record):
+    source = tmp_path / "other_python.c"
+    source.write_text(OTHER_PYTHON_MODULE % record)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "other_python.so"), str(source)], check=True)
+    return tmp_path / "other_python.so"
+
+
+def test_a_module_built_for_another_python_is_reported_as_such(tmp_path):
+    record = '__attribute__((used)) static const char r[] = "mpop3-module-built-for-python:3.99;";'
+    module = build_c_module(tmp_path, record)
+    ours = f"{sys.version_info.major}.{sys.version_info.minor}"
+    path = write_conf(tmp_path, f"auth_module {module}\n")
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
+                          rf"other_python\.so: built for Python 3\.99, but this mpop3 runs Python {ours}: "
+                          r"rebuild it with this mpop3's module\.mk \(cannot load it: .*undefined symbol")
+
+
+def test_a_module_without_the_record_that_misses_python_symbols_is_probably_for_another_python(tmp_path):
+    module = build_c_module(tmp_path, "")
+    path = write_conf(tmp_path, f"auth_module {module}\n")
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
+                          r"other_python\.so: built for another Python than this mpop3's 3\.\d+, it seems")
+
+
+def test_modules_record_the_python_they_were_built_for(test_modules):
+    ours = b"mpop3-module-built-for-python:%d.%d;" % sys.version_info[:2]
+    built = [path for name, path in test_modules.items() if name not in ("not_a_module", "wrong_abi")]  # no .pxi
+    for path in built + glob.glob(os.path.join(TREE, "modules", "*.so")):
+        with open(path, "rb") as f:
+            assert ours in f.read(), path
