@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pop_server
 import pytest
 
 from mpop3.server import privs
@@ -67,3 +68,11 @@ def test_modules(installed, tmp_path_factory):
         assert proc.returncode == 0, f"building {name} failed:\n{output}"
         paths[name] = str(root / name / f"{name}.so")
     return paths
+
+
+@pytest.fixture(params=sorted(pop_server.LOOPS))
+def loop_kind(request, monkeypatch):
+    """Run the test's ServerThreads on each event loop: uvloop, which mpop3
+    uses, and asyncio's own, so nothing depends on one loop's quirks."""
+    monkeypatch.setattr(pop_server, "LOOP", request.param)
+    return request.param

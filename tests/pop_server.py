@@ -1,6 +1,7 @@
 """Helpers for the protocol tests: servers to talk to and a raw client.
 
-- ServerThread: the real Service (mpop3/server/service.py) on uvloop in a thread,
+- ServerThread: the real Service (mpop3/server/service.py) in a thread, on
+  uvloop or asyncio's own loop (LOOPS; the `loop_kind` fixture picks),
   with function tables the test builds (in-memory storage, a dict of users);
 - spawn(): the real `mpop3` command in a subprocess, with auth_file and
   storage_mbox on files in a temporary directory (for the real clients);
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import uvloop
 
 from mpop3 import config, loader
 from mpop3.auth_functions import AuthFunctions
@@ -132,15 +135,17 @@ def memory_tables(users, boxes, mailboxes=None):
     return loader.Tables(MemoryAuth(users, mailboxes), MemoryStorage(boxes), [])
 
 
+LOOPS = {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+LOOP = "uvloop"  # what ServerThread runs on; a test module may ask for both (loop_kind)
+
+
 class ServerThread:
-    """The real Server on uvloop in a daemon thread."""
+    """The real Service on an event loop in a daemon thread."""
 
     def __init__(self, tables, extra=None):
-        import uvloop
-
         self.conf = make_conf(extra)
         self.tables = tables
-        self.loop = uvloop.new_event_loop()
+        self.loop = LOOPS[LOOP]()
         self.ready = threading.Event()
         self.error = None
         self.thread = threading.Thread(target=self._run, daemon=True)

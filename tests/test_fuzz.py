@@ -1,7 +1,7 @@
 """Fuzzing a whole connection (hypothesis): arbitrary byte streams, split
-at arbitrary points, fed to a real Connection and its core on a real uvloop
-loop (a recording transport instead of a socket), with real worker jobs.
-Nothing may escape, every reply must be well-formed, the state must stay
+at arbitrary points, fed to a real Connection and its core on a real event
+loop, uvloop and asyncio's own (a recording transport instead of a
+socket), with real worker jobs. Nothing may escape, every reply must be well-formed, the state must stay
 consistent and the mailbox must be released in the end. (The core alone,
 without a loop, is fuzzed in tests/test_core.py.)"""
 
@@ -10,10 +10,9 @@ import logging
 import re
 
 import pytest
-import uvloop
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from pop_server import make_conf, memory_tables
+from pop_server import LOOPS, make_conf, memory_tables
 
 from mpop3.protocol import parser_reference as proto_reference
 from mpop3.protocol.commands import AUTHORIZATION, CLOSED, TRANSACTION, UPDATE
@@ -84,9 +83,9 @@ class Errors(logging.Handler):
         self.records.append(record)
 
 
-@pytest.fixture(scope="module")
-def harness():
-    loop = uvloop.new_event_loop()
+@pytest.fixture(scope="module", params=sorted(LOOPS))
+def harness(request):
+    loop = LOOPS[request.param]()
     tables = memory_tables({"bob": "secret"}, {"bob": MESSAGES})
     conf = make_conf({"login_fail_delay": "0", "login_fail_delay_max": "0", "max_login_failures": "2",
                       "max_bad_commands": "5", "max_line_length": "64"})

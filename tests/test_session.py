@@ -12,9 +12,11 @@ import time
 import pytest
 from pop_server import ServerThread, Wire, crlf_size, memory_tables, top_form, wire_form
 
-from mpop3.protocol import replies
 from mpop3.errors import MailboxInUse, StoragePermError, StorageTempError
+from mpop3.protocol import replies
 from mpop3.server import connection as connection_module
+
+pytestmark = pytest.mark.usefixtures("loop_kind")  # every test on uvloop and on asyncio's loop
 
 MESSAGES = [
     b"From: a@example.org\nSubject: one\n\nfirst body\n.starts with a dot\n..two dots\n",
