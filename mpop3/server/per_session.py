@@ -72,15 +72,11 @@ class SessionProcesses(Supervisor):
 
     def become_session(self, conn, channel):
         """In the child: serve, then exit."""
-        code = 1
-        try:
+        def serve():
             conn.setblocking(False)
-            code = self.serve_session(self.conf, conn, channel)
-        except BaseException:
-            log.exception("session process failed")
-        finally:
-            logging.shutdown()
-            os._exit(code)
+            return self.serve_session(self.conf, conn, channel)
+
+        self.child_main("session process", serve)
 
     def child_ended(self, pid, status):
         address = self.children.pop(pid)

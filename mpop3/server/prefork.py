@@ -92,18 +92,14 @@ class Prefork(Supervisor):
 
     def become_worker(self, slot, channel):
         """In the child: a whole server of its own, until it exits."""
-        code = 1
-        try:
+        def serve():
             end_with_parent()
             # the worker unblocks SIGTERM, SIGINT and SIGHUP once it handles them
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             self.tally.slot = slot
-            code = self.serve_worker(self.conf, self.socket_sets[slot], self.tally, channel)
-        except BaseException:
-            log.exception("server process failed")
-        finally:
-            logging.shutdown()
-            os._exit(code)
+            return self.serve_worker(self.conf, self.socket_sets[slot], self.tally, channel)
+
+        self.child_main("server process", serve)
 
     def child_ended(self, pid, status):
         started, slot = self.children.pop(pid)

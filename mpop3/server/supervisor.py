@@ -135,6 +135,17 @@ class Supervisor:
             os.close(fd)
         self.selector.close()
 
+    def child_main(self, what, serve):
+        """In a new child: serve() to its end, then exit with its code."""
+        code = 1
+        try:
+            code = serve()
+        except BaseException:
+            log.exception("%s failed", what)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
     def forward(self, signum):
         for pid in self.children:
             try:
@@ -324,11 +335,17 @@ class Channel:
                 pass
 
 
-class RemoteThrottle(LoginThrottle):
+class Remote:
+    """A limit of the parent's, asked over the channel, starting from the
+    copy inherited at the fork."""
+
     def __init__(self, channel, inherited):
         self.__dict__.update(inherited.__dict__)
         self.lock = threading.Lock()
         self.channel = channel
+
+
+class RemoteThrottle(Remote, LoginThrottle):
 
     def failed_mark(self, address, mark):
         local = super().failed_mark(address, mark)
@@ -340,11 +357,7 @@ class RemoteThrottle(LoginThrottle):
         self.channel.tell(b"succeeded %s\n" % address.encode())
 
 
-class RemoteClock(LoginDelayClock):
-    def __init__(self, channel, inherited):
-        self.__dict__.update(inherited.__dict__)
-        self.lock = threading.Lock()
-        self.channel = channel
+class RemoteClock(Remote, LoginDelayClock):
 
     def wait_needed(self, mailbox, delay):
         if delay <= 0:
