@@ -2,7 +2,9 @@
 #
 #   make                 build in place (creates the virtualenv .venv first)
 #   make install         install under $(PREFIX) (honours DESTDIR)
-#   make test            build, then run the whole test suite
+#   make test            build, lint, then run the whole test suite
+#   make test-quick      build, then the suite minus tests needing root, real clients or time (< 1 min)
+#   make lint            ruff: lint and format check (`make format` rewrites)
 #   make bench           build, then run the benchmarks
 #   make run             build, then serve a demo mailbox on 127.0.0.1:1110
 #   make clean           remove what the build made (keeps .venv; distclean removes it)
@@ -23,7 +25,10 @@ UNITDIR = $(PREFIX)/lib/systemd/system
 
 PYTEST_ARGS ?=
 
-.PHONY: all build install test bench run clean distclean
+RUFF = $(VENV)/bin/ruff
+QUICK = not root and not clients and not slow
+
+.PHONY: all build install test test-quick lint format bench run clean distclean
 
 all: build
 
@@ -68,8 +73,19 @@ install: build
 	    echo "keeping the existing $(DESTDIR)$(SYSCONFDIR)/mpop3.conf"; \
 	else install -m 644 mpop3.conf $(DESTDIR)$(SYSCONFDIR)/mpop3.conf; fi
 
-test: build
+test: build lint
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-quick: build
+	$(VPY) -m pytest -q -m "$(QUICK)" $(PYTEST_ARGS) tests
+
+lint: $(VENV)/.deps
+	$(RUFF) check .
+	$(RUFF) format --check .
+
+format: $(VENV)/.deps
+	$(RUFF) check --fix .
+	$(RUFF) format .
 
 bench: build bench/loadgen
 	$(VPY) -m pytest -q bench

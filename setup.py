@@ -13,8 +13,10 @@ DEBUG = os.environ.get("MPOP3_DEBUG") == "1"  # bounds checks and annotated HTML
 
 def extensions():
     sources = sorted(glob.glob("mpop3/**/*.pyx", recursive=True) + glob.glob("modules/*.pyx"))
-    return [Extension(pyx[:-4].replace("/", "."), [pyx], extra_compile_args=["-O2", "-Wno-unused-function"])
-            for pyx in sources]
+    return [
+        Extension(pyx[:-4].replace("/", "."), [pyx], extra_compile_args=["-O2", "-Wno-unused-function"])
+        for pyx in sources
+    ]
 
 
 setup(

@@ -57,9 +57,11 @@ def probe(kind):
 
 def test_fork_floor(report):
     bare, prepared = probe("bare"), probe("prepared")
-    report("fork + exit, a child that does nothing",
-           f"prepared listener {prepared['fork_exit_ms']:.2f} ms CPU ({prepared['anon_mib']:.0f} MiB anonymous), "
-           f"bare interpreter {bare['fork_exit_ms']:.2f} ms ({bare['anon_mib']:.0f} MiB), "
-           f"ratio {prepared['fork_exit_ms'] / bare['fork_exit_ms']:.1f}")
+    report(
+        "fork + exit, a child that does nothing",
+        f"prepared listener {prepared['fork_exit_ms']:.2f} ms CPU ({prepared['anon_mib']:.0f} MiB anonymous), "
+        f"bare interpreter {bare['fork_exit_ms']:.2f} ms ({bare['anon_mib']:.0f} MiB), "
+        f"ratio {prepared['fork_exit_ms'] / bare['fork_exit_ms']:.1f}",
+    )
     report("a page the child writes (copy on write)", f"{prepared['page_us']:.1f} us")
     assert prepared["fork_exit_ms"] > 0 and prepared["page_us"] > 0

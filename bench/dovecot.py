@@ -77,6 +77,14 @@ def start(root, spool, port, users, per_session=False):
     os.chmod(root, 0o711)
     conf = os.path.join(root, f"dovecot-{port}.conf")
     with open(conf, "w") as f:
-        f.write(CONF.format(root=root, spool=spool, port=port, uid=nobody.pw_uid, gid=nobody.pw_gid,
-                            **(AS_IT_COMES if per_session else HIGH_PERFORMANCE)))
+        f.write(
+            CONF.format(
+                root=root,
+                spool=spool,
+                port=port,
+                uid=nobody.pw_uid,
+                gid=nobody.pw_gid,
+                **(AS_IT_COMES if per_session else HIGH_PERFORMANCE),
+            )
+        )
     return subprocess.Popen(["dovecot", "-F", "-c", conf], stderr=subprocess.PIPE)

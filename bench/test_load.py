@@ -51,13 +51,15 @@ def free_port():
 
 
 def message(rng, number, size):
-    head = (b"From: sender%d@example.org\nTo: bench@example.org\nSubject: message %d\n"
-            b"Message-ID: <%d.bench@example.org>\n\n" % (number, number, number))
+    head = (
+        b"From: sender%d@example.org\nTo: bench@example.org\nSubject: message %d\n"
+        b"Message-ID: <%d.bench@example.org>\n\n" % (number, number, number)
+    )
     lines = []
     total = len(head)
     while total < size:
         n = rng.randint(20, 120)
-        line = (b". dotted line\n" if rng.random() < 0.02 else b"x" * n + b"\n")
+        line = b". dotted line\n" if rng.random() < 0.02 else b"x" * n + b"\n"
         lines.append(line)
         total += len(line)
     return head + b"".join(lines)
@@ -70,8 +72,13 @@ def retr_mailbox():
     total = 0
     while total < RETR_MAILBOX_BYTES:
         pick = rng.random()
-        size = rng.randint(1000, 8000) if pick < 0.80 else rng.randint(50000, 200000) if pick < 0.97 \
+        size = (
+            rng.randint(1000, 8000)
+            if pick < 0.80
+            else rng.randint(50000, 200000)
+            if pick < 0.97
             else rng.randint(1000000, 3000000)
+        )
         m = message(rng, number, size)
         out.append(b"From bench@example.org Thu Nov 19 10:00:00 2026\n" + m + b"\n")
         total += len(m)
@@ -81,17 +88,19 @@ def retr_mailbox():
 
 def small_mailbox(i):
     rng = random.Random(i)
-    return b"".join(b"From bench@example.org Thu Nov 19 10:00:00 2026\n" + message(rng, n, 3000) + b"\n"
-                    for n in range(3))
+    return b"".join(
+        b"From bench@example.org Thu Nov 19 10:00:00 2026\n" + message(rng, n, 3000) + b"\n" for n in range(3)
+    )
 
 
 def start_mpop3(root, conf_text):
     port = free_port()
     conf = root / f"mpop3-{port}.conf"
-    conf.write_text(f"listen 127.0.0.1:{port}\nmodule_dir {TREE}/modules\nlog_level warning\n"
-                    f"max_sessions 5000\nmax_sessions_per_ip 5000\n" + conf_text)
-    server = subprocess.Popen([sys.executable, "-m", "mpop3", "-c", str(conf)], cwd=TREE,
-                              stderr=subprocess.PIPE)
+    conf.write_text(
+        f"listen 127.0.0.1:{port}\nmodule_dir {TREE}/modules\nlog_level warning\n"
+        f"max_sessions 5000\nmax_sessions_per_ip 5000\n" + conf_text
+    )
+    server = subprocess.Popen([sys.executable, "-m", "mpop3", "-c", str(conf)], cwd=TREE, stderr=subprocess.PIPE)
     wait_listening(port)
     return server, port
 
@@ -102,6 +111,7 @@ def site(tmp_path_factory):
     if BENCH_DIR:
         import pathlib
         import tempfile
+
         root = pathlib.Path(tempfile.mkdtemp(prefix="mpop3-bench-", dir=BENCH_DIR))
     spool = root / "spool"
     spool.mkdir()
@@ -122,22 +132,33 @@ def site(tmp_path_factory):
     # the whole server becomes safe_user after bind and serves many
     # sessions per process (privilege rule 3)
     shared = f"storage_module storage_mbox\n> storage_dir {spool}\n> mailbox_user any\n"
-    server, port = start_mpop3(root, f"processes 1\nauth_module auth_file\n> passwd_file {root}/passwd\n"
-                                     + shared + f"tls_cert {cert}\nlisten_tls 127.0.0.1:{tls_port}\n")
-    multi, multi_port = start_mpop3(root, f"processes {PROCESSES}\n"
-                                    f"auth_module auth_file\n> passwd_file {root}/passwd\n" + shared)
+    server, port = start_mpop3(
+        root,
+        f"processes 1\nauth_module auth_file\n> passwd_file {root}/passwd\n"
+        + shared
+        + f"tls_cert {cert}\nlisten_tls 127.0.0.1:{tls_port}\n",
+    )
+    multi, multi_port = start_mpop3(
+        root, f"processes {PROCESSES}\nauth_module auth_file\n> passwd_file {root}/passwd\n" + shared
+    )
     # each spool opened by its mailbox's user (the default): as root, a
     # process per session, switching users after login (rule 1)
-    per_session, per_session_port = start_mpop3(root, f"auth_module auth_file\n> passwd_file {root}/passwd\n"
-                                                f"storage_module storage_mbox\n> storage_dir {spool}\n")
+    per_session, per_session_port = start_mpop3(
+        root,
+        f"auth_module auth_file\n> passwd_file {root}/passwd\nstorage_module storage_mbox\n> storage_dir {spool}\n",
+    )
     # the same server without a storage module (every mailbox empty): what
     # the core costs, apart from the mbox engine
     core_tls_port = free_port()
-    core, core_port = start_mpop3(root, f"processes 1\nauth_module auth_file\n> passwd_file {root}/passwd\n"
-                                        f"tls_cert {cert}\nlisten_tls 127.0.0.1:{core_tls_port}\n")
+    core, core_port = start_mpop3(
+        root,
+        f"processes 1\nauth_module auth_file\n> passwd_file {root}/passwd\n"
+        f"tls_cert {cert}\nlisten_tls 127.0.0.1:{core_tls_port}\n",
+    )
     canned_port = free_port()
-    canned = subprocess.Popen([sys.executable, os.path.join(HERE, "canned.py"), str(canned_port),
-                               str(spool / "r0")], stdout=subprocess.PIPE)
+    canned = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "canned.py"), str(canned_port), str(spool / "r0")], stdout=subprocess.PIPE
+    )
     assert canned.stdout.readline() == b"ready\n"
     extra = {}
     if dovecot.available():  # the same load against Dovecot, in the same run
@@ -146,13 +167,23 @@ def site(tmp_path_factory):
         extra["dovecot"] = (dovecot.start(str(root), str(spool), dovecot_port, users), dovecot_port)
         wait_listening(dovecot_port)
         dovecot_port = free_port()
-        extra["dovecot-per-session"] = (dovecot.start(str(root), str(spool), dovecot_port, users, per_session=True),
-                                        dovecot_port)
+        extra["dovecot-per-session"] = (
+            dovecot.start(str(root), str(spool), dovecot_port, users, per_session=True),
+            dovecot_port,
+        )
         wait_listening(dovecot_port)
-    yield {**extra,"mpop3": (server, port), "mpop3-tls": (server, tls_port), "multi": (multi, multi_port),
-           "per-session": (per_session, per_session_port),
-           "core": (core, core_port), "core-tls": (core, core_tls_port),
-           "canned": (canned, canned_port), "results": [], "where": str(root)}
+    yield {
+        **extra,
+        "mpop3": (server, port),
+        "mpop3-tls": (server, tls_port),
+        "multi": (multi, multi_port),
+        "per-session": (per_session, per_session_port),
+        "core": (core, core_port),
+        "core-tls": (core, core_tls_port),
+        "canned": (canned, canned_port),
+        "results": [],
+        "where": str(root),
+    }
     procs = [server, multi, per_session, core, canned] + [proc for proc, _ in extra.values()]
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
@@ -168,9 +199,28 @@ def site(tmp_path_factory):
 def make_certificate(root):
     """A self-signed ECDSA P-256 certificate and its key in one PEM file."""
     path = root / "tls.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(path), "-out", str(root / "cert.pem"), "-days", "2",
-                    "-subj", "/CN=localhost"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(path),
+            "-out",
+            str(root / "cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     with open(path, "ab") as f:
         f.write((root / "cert.pem").read_bytes())
     return path
@@ -226,9 +276,12 @@ def pss_kib(pid):
 
 
 def loadgen(mode, port, clients, seconds, userfmt, tls=False):
-    result = subprocess.run([LOADGEN, mode, str(port), str(clients), str(seconds), userfmt, "pw",
-                             *(["tls"] if tls else [])],
-                            capture_output=True, text=True, timeout=seconds + 60)
+    result = subprocess.run(
+        [LOADGEN, mode, str(port), str(clients), str(seconds), userfmt, "pw", *(["tls"] if tls else [])],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
     assert result.returncode == 0, result.stderr
     return dict((k, float(v)) for k, v in (item.split("=") for item in result.stdout.split()))
 
@@ -265,14 +318,17 @@ def test_logins_per_second(site, capsys, clients):
     core_rate = core["sessions"] / core["seconds"]
     if clients == 1:
         report(site, capsys, f"spools in {site['where']}")
-    report(site, capsys, f"login {clients:>2} clients: canned {base:6.0f}/s; mpop3 {rate:6.0f} sessions/s "
-           f"(ratio {rate / base:.2f}), {PROCESSES} processes {multi_rate:6.0f}/s (ratio {multi_rate / base:.2f}), "
-           f"no storage module {core_rate:6.0f}/s (ratio {core_rate / base:.2f}); CPU: server "
-           f"{ours['server_cpu']:.2f} / {multi['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} / "
-           f"{multi['loadgen_cpu']:.2f} cores")
+    report(
+        site,
+        capsys,
+        f"login {clients:>2} clients: canned {base:6.0f}/s; mpop3 {rate:6.0f} sessions/s "
+        f"(ratio {rate / base:.2f}), {PROCESSES} processes {multi_rate:6.0f}/s (ratio {multi_rate / base:.2f}), "
+        f"no storage module {core_rate:6.0f}/s (ratio {core_rate / base:.2f}); CPU: server "
+        f"{ours['server_cpu']:.2f} / {multi['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} / "
+        f"{multi['loadgen_cpu']:.2f} cores",
+    )
     assert ours["sessions"] > 0 and multi["sessions"] > 0 and core["sessions"] > 0
-    compare_with_dovecot(site, capsys, "login", clients, "user7%02d", multi_rate, lambda r: r["sessions"],
-                         "sessions/s")
+    compare_with_dovecot(site, capsys, "login", clients, "user7%02d", multi_rate, lambda r: r["sessions"], "sessions/s")
 
 
 def compare_with_dovecot(site, capsys, mode, clients, userfmt, ours, amount, unit):
@@ -291,9 +347,13 @@ def test_retr_throughput(site, capsys, clients):
     ours = measure(site, "mpop3", "retr", clients, "r%d")
     canned = measure(site, "canned", "retr", clients, "r%d")
     rate, base = ours["bytes"] / ours["seconds"] / 1e6, canned["bytes"] / canned["seconds"] / 1e6
-    report(site, capsys, f"RETR  {clients} client{'s' if clients > 1 else ' '}: mpop3 {rate:7.0f} MB/s, "
-           f"canned {base:7.0f} MB/s, ratio {rate / base:.2f}; {ours['messages']:.0f} messages checked; "
-           f"CPU: server {ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores")
+    report(
+        site,
+        capsys,
+        f"RETR  {clients} client{'s' if clients > 1 else ' '}: mpop3 {rate:7.0f} MB/s, "
+        f"canned {base:7.0f} MB/s, ratio {rate / base:.2f}; {ours['messages']:.0f} messages checked; "
+        f"CPU: server {ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores",
+    )
     assert ours["messages"] > 0
     compare_with_dovecot(site, capsys, "retr", clients, "r%d", rate, lambda r: r["bytes"] / 1e6, "MB/s")
 
@@ -304,27 +364,39 @@ def test_tls_cost(site, capsys):
     time.sleep(0.3)  # the hung-up sessions of one run end before the next
     tls = measure(site, "mpop3-tls", "login", 32, "user8%02d")
     rate, tls_rate = clear["sessions"] / clear["seconds"], tls["sessions"] / tls["seconds"]
-    report(site, capsys, f"TLS login 32 clients: cleartext {rate:6.0f} sessions/s, TLS {tls_rate:6.0f}/s, "
-           f"ratio {tls_rate / rate:.2f}; CPU: server {clear['server_cpu']:.2f} / {tls['server_cpu']:.2f} "
-           f"cores, loadgen {clear['loadgen_cpu']:.2f} / {tls['loadgen_cpu']:.2f} cores")
+    report(
+        site,
+        capsys,
+        f"TLS login 32 clients: cleartext {rate:6.0f} sessions/s, TLS {tls_rate:6.0f}/s, "
+        f"ratio {tls_rate / rate:.2f}; CPU: server {clear['server_cpu']:.2f} / {tls['server_cpu']:.2f} "
+        f"cores, loadgen {clear['loadgen_cpu']:.2f} / {tls['loadgen_cpu']:.2f} cores",
+    )
     assert tls["sessions"] > 0
     # the login cost without the mbox engine (and, as root, without a process per session)
     clear = measure(site, "core", "login", 32, "user6%02d")
     tls = measure(site, "core-tls", "login", 32, "user8%02d")
     rate, tls_rate = clear["sessions"] / clear["seconds"], tls["sessions"] / tls["seconds"]
-    report(site, capsys, f"TLS login 32 clients, no storage module: cleartext {rate:6.0f} sessions/s, "
-           f"TLS {tls_rate:6.0f}/s, ratio {tls_rate / rate:.2f}; CPU: server {clear['server_cpu']:.2f} / "
-           f"{tls['server_cpu']:.2f} cores, loadgen {clear['loadgen_cpu']:.2f} / {tls['loadgen_cpu']:.2f} cores")
+    report(
+        site,
+        capsys,
+        f"TLS login 32 clients, no storage module: cleartext {rate:6.0f} sessions/s, "
+        f"TLS {tls_rate:6.0f}/s, ratio {tls_rate / rate:.2f}; CPU: server {clear['server_cpu']:.2f} / "
+        f"{tls['server_cpu']:.2f} cores, loadgen {clear['loadgen_cpu']:.2f} / {tls['loadgen_cpu']:.2f} cores",
+    )
     for clients in (1, 4):
         time.sleep(0.3)
         clear = measure(site, "mpop3", "retr", clients, "r%d")
         time.sleep(0.3)
         tls = measure(site, "mpop3-tls", "retr", clients, "r%d")
         rate, tls_rate = clear["bytes"] / clear["seconds"] / 1e6, tls["bytes"] / tls["seconds"] / 1e6
-        report(site, capsys, f"TLS RETR {clients} client{'s' if clients > 1 else ' '}: cleartext {rate:5.0f} MB/s, "
-               f"TLS {tls_rate:5.0f} MB/s, ratio {tls_rate / rate:.2f}; {tls['messages']:.0f} messages checked; "
-               f"CPU: server {clear['server_cpu']:.2f} / {tls['server_cpu']:.2f} cores, loadgen "
-               f"{clear['loadgen_cpu']:.2f} / {tls['loadgen_cpu']:.2f} cores")
+        report(
+            site,
+            capsys,
+            f"TLS RETR {clients} client{'s' if clients > 1 else ' '}: cleartext {rate:5.0f} MB/s, "
+            f"TLS {tls_rate:5.0f} MB/s, ratio {tls_rate / rate:.2f}; {tls['messages']:.0f} messages checked; "
+            f"CPU: server {clear['server_cpu']:.2f} / {tls['server_cpu']:.2f} cores, loadgen "
+            f"{clear['loadgen_cpu']:.2f} / {tls['loadgen_cpu']:.2f} cores",
+        )
         assert tls["messages"] > 0
 
 
@@ -333,8 +405,12 @@ def idle_pss(site, target):
     measure(site, target, "login", 4, "user%d")  # warm up allocators and caches
     time.sleep(0.5)
     before = pss_kib(proc.pid)
-    hold = subprocess.Popen([LOADGEN, "idle", str(port), str(IDLE_SESSIONS), "0", "user%d", "pw"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    hold = subprocess.Popen(
+        [LOADGEN, "idle", str(port), str(IDLE_SESSIONS), "0", "user%d", "pw"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     ready = hold.stdout.readline()
     assert ready.startswith("ready") and "errors=0" in ready, ready
     time.sleep(0.5)
@@ -350,8 +426,12 @@ def test_memory_per_idle_session(site, capsys):
     canned = idle_pss(site, "canned")
     # the canned responder's connections cost next to nothing (a ratio to
     # ~0 means nothing): both are shown as absolute figures
-    report(site, capsys, f"idle {IDLE_SESSIONS} sessions: mpop3 {ours:.1f} KiB PSS per logged-in session "
-           f"(target <= 30 KB), canned {canned:.1f} KiB per connection")
+    report(
+        site,
+        capsys,
+        f"idle {IDLE_SESSIONS} sessions: mpop3 {ours:.1f} KiB PSS per logged-in session "
+        f"(target <= 30 KB), canned {canned:.1f} KiB per connection",
+    )
     assert ours < 30
 
 
@@ -365,21 +445,33 @@ def test_process_per_session(site, capsys):
     time.sleep(0.3)
     ours = measure(site, "per-session", "login", 32, "user4%02d")
     rate, shared_rate = ours["sessions"] / ours["seconds"], shared["sessions"] / shared["seconds"]
-    report(site, capsys, f"login 32 clients, {model}: {rate:6.0f} sessions/s (target >= 1,000); "
-           f"shared process {shared_rate:6.0f}/s, ratio {rate / shared_rate:.2f}; CPU: server "
-           f"{ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores; server CPU per session "
-           f"{1e3 * ours['server_cpu'] / rate:.2f} ms, shared {1e3 * shared['server_cpu'] / shared_rate:.2f} ms; "
-           f"page faults per session {ours['faults'] / ours['sessions']:.0f}, "
-           f"shared {shared['faults'] / shared['sessions']:.1f}")
+    report(
+        site,
+        capsys,
+        f"login 32 clients, {model}: {rate:6.0f} sessions/s (target >= 1,000); "
+        f"shared process {shared_rate:6.0f}/s, ratio {rate / shared_rate:.2f}; CPU: server "
+        f"{ours['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} cores; server CPU per session "
+        f"{1e3 * ours['server_cpu'] / rate:.2f} ms, shared {1e3 * shared['server_cpu'] / shared_rate:.2f} ms; "
+        f"page faults per session {ours['faults'] / ours['sessions']:.0f}, "
+        f"shared {shared['faults'] / shared['sessions']:.1f}",
+    )
     if "dovecot-per-session" in site:  # its default: a login and a mail process per session
         time.sleep(0.3)
         theirs = measure(site, "dovecot-per-session", "login", 32, "user4%02d")
         theirs_rate = theirs["sessions"] / theirs["seconds"]
-        report(site, capsys, f"      vs Dovecot, a process per session: {theirs_rate:6.0f} sessions/s, "
-               f"mpop3 / Dovecot = {rate / theirs_rate:.2f}")
+        report(
+            site,
+            capsys,
+            f"      vs Dovecot, a process per session: {theirs_rate:6.0f} sessions/s, "
+            f"mpop3 / Dovecot = {rate / theirs_rate:.2f}",
+        )
     time.sleep(0.5)
     per_session = idle_pss(site, "per-session")
     shared_pss = idle_pss(site, "mpop3")
-    report(site, capsys, f"idle {IDLE_SESSIONS} sessions, {model}: {per_session:.0f} KiB PSS per "
-           f"logged-in session; shared process {shared_pss:.1f} KiB, ratio {per_session / shared_pss:.0f}")
+    report(
+        site,
+        capsys,
+        f"idle {IDLE_SESSIONS} sessions, {model}: {per_session:.0f} KiB PSS per "
+        f"logged-in session; shared process {shared_pss:.1f} KiB, ratio {per_session / shared_pss:.0f}",
+    )
     assert ours["sessions"] > 0

@@ -6,7 +6,9 @@ import pytest
 from mpop3.protocol import _parser as _proto
 from mpop3.protocol import parser_reference as proto_reference
 
-BURST = b"USER someone\r\nPASS secret words\r\nSTAT\r\nLIST\r\nUIDL 12\r\nRETR 12\r\nTOP 3 10\r\nDELE 12\r\nQUIT\r\n" * 20
+BURST = (
+    b"USER someone\r\nPASS secret words\r\nSTAT\r\nLIST\r\nUIDL 12\r\nRETR 12\r\nTOP 3 10\r\nDELE 12\r\nQUIT\r\n" * 20
+)
 
 
 @pytest.mark.parametrize("proto", [_proto, proto_reference], ids=["c", "py"])

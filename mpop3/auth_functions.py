@@ -60,7 +60,7 @@ class AuthFunctions(FunctionTable):
         passwords). Default: `<pid.serial.time@hostname>`, unique per
         connection as RFC 1939 requires.
         """
-        return "<%d.%d.%d@%s>" % (os.getpid(), next(_apop_serial), time.time_ns(), socket.gethostname())
+        return f"<{os.getpid()}.{next(_apop_serial)}.{time.time_ns()}@{socket.gethostname()}>"
 
     def auth_password(self, user):
         """The plaintext password of `user`, or None if unknown or not kept.

@@ -4,26 +4,44 @@ import argparse
 import sys
 
 from . import __version__, config, loader, log, paths
-from .server import tls
 from .errors import ConfigError
+from .server import tls
 
 USAGE = "mpop3 [-c CONFIG] [-s] [-l ADDR:PORT]... [-d] [--check-config] [--version] [--help]"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="mpop3", usage=USAGE,
-                                description="mpop3, a modular POP3 server. Runs in the foreground.")
-    p.add_argument("-c", "--config", default=paths.CONFIG_FILE, metavar="CONFIG",
-                   help=f"configuration file (default: {paths.CONFIG_FILE})")
-    p.add_argument("-s", "--stdin", action="store_true",
-                   help="serve one session on stdin/stdout (inetd, systemd Accept=yes)")
-    p.add_argument("-l", "--listen", action="append", metavar="ADDR:PORT",
-                   help="listen here instead of the configured addresses (repeatable)")
+    p = argparse.ArgumentParser(
+        prog="mpop3", usage=USAGE, description="mpop3, a modular POP3 server. Runs in the foreground."
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        default=paths.CONFIG_FILE,
+        metavar="CONFIG",
+        help=f"configuration file (default: {paths.CONFIG_FILE})",
+    )
+    p.add_argument(
+        "-s", "--stdin", action="store_true", help="serve one session on stdin/stdout (inetd, systemd Accept=yes)"
+    )
+    p.add_argument(
+        "-l",
+        "--listen",
+        action="append",
+        metavar="ADDR:PORT",
+        help="listen here instead of the configured addresses (repeatable)",
+    )
     p.add_argument("-d", "--debug", action="store_true", help="log at debug level")
-    p.add_argument("--check-config", action="store_true",
-                   help="validate the configuration, show which module supplies each function, exit")
-    p.add_argument("--module-mk", action="store_true",
-                   help="print the path of module.mk, the Makefile fragment for building modules")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, show which module supplies each function, exit",
+    )
+    p.add_argument(
+        "--module-mk",
+        action="store_true",
+        help="print the path of module.mk, the Makefile fragment for building modules",
+    )
     p.add_argument("--version", action="version", version=f"mpop3 {__version__}")
     return p.parse_args(argv)
 

@@ -137,8 +137,9 @@ DIRECTIVES = {
         Directive("listen", listen_address, [("0.0.0.0", 110)], repeatable=True),
         Directive("module_dir", path, paths.MODULE_DIR),
         Directive("log", one_of("stderr", "syslog"), "stderr"),
-        Directive("syslog_facility", one_of("mail", "daemon", "auth", "user",
-                                            *(f"local{i}" for i in range(8))), "mail"),
+        Directive(
+            "syslog_facility", one_of("mail", "daemon", "auth", "user", *(f"local{i}" for i in range(8))), "mail"
+        ),
         Directive("syslog_socket", path, "/dev/log"),
         Directive("log_level", one_of("debug", "info", "warning", "error"), "info", reloadable=True),
         # protocol limits and timing (the sessions, mpop3/protocol/core.py)

@@ -24,9 +24,7 @@ class FunctionTable:
     def entry_names(cls):
         """The table entries in declaration order."""
         return [
-            name
-            for name, value in vars(cls).items()
-            if name.startswith(cls.CLASS + "_") and inspect.isfunction(value)
+            name for name, value in vars(cls).items() if name.startswith(cls.CLASS + "_") and inspect.isfunction(value)
         ]
 
     def supply(self, name, function, module_name):

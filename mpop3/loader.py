@@ -57,10 +57,18 @@ def load_modules(config):
         run_init(module, line, path)
         name = os.path.splitext(os.path.basename(path))[0].split(".")[0]
         table = tables[line.kind]
-        supplied = [entry for entry in table.entry_names()
-                    if callable(getattr(module, entry, None)) and table.supply(entry, getattr(module, entry), name)]
-        log.info("loaded %s module %s (ABI %d), supplying: %s", line.kind, path,
-                 module.MPOP3_ABI_VERSION, ", ".join(supplied) or "nothing new")
+        supplied = [
+            entry
+            for entry in table.entry_names()
+            if callable(getattr(module, entry, None)) and table.supply(entry, getattr(module, entry), name)
+        ]
+        log.info(
+            "loaded %s module %s (ABI %d), supplying: %s",
+            line.kind,
+            path,
+            module.MPOP3_ABI_VERSION,
+            ", ".join(supplied) or "nothing new",
+        )
         warnings = unknown_functions(module, line.kind)
         for warning in warnings:
             log.warning("%s: module %s: %s", line.where, path, warning)
@@ -79,8 +87,9 @@ def unknown_functions(module, kind):
             if other_kind != kind and attribute in table.entry_names():
                 warnings.append(f"defines {attribute}, a {other_kind} function: a {kind} module's is never called")
             elif attribute not in table.entry_names():
-                warnings.append(f"defines {attribute}, which is not in the {other_kind} table "
-                                f"(misspelt?): it is never called")
+                warnings.append(
+                    f"defines {attribute}, which is not in the {other_kind} table (misspelt?): it is never called"
+                )
     return warnings
 
 
@@ -122,12 +131,16 @@ def why_not_loadable(path, reason):
     if found is not None:
         built_for = found.group(1).decode()
         if built_for != ours:
-            return (f"built for Python {built_for}, but this mpop3 runs Python {ours}: "
-                    f"rebuild it with this mpop3's module.mk (cannot load it: {reason})")
+            return (
+                f"built for Python {built_for}, but this mpop3 runs Python {ours}: "
+                f"rebuild it with this mpop3's module.mk (cannot load it: {reason})"
+            )
         return f"cannot load it: {reason}"
     if re.search(r"undefined symbol: _?Py", reason):
-        return (f"built for another Python than this mpop3's {ours}, it seems: rebuild it with this "
-                f"mpop3's module.mk (cannot load it: {reason})")
+        return (
+            f"built for another Python than this mpop3's {ours}, it seems: rebuild it with this "
+            f"mpop3's module.mk (cannot load it: {reason})"
+        )
     return f"not an mpop3 module (cannot load it: {reason})"
 
 
@@ -160,15 +173,20 @@ def check_declarations(module, line, path):
         raise ConfigError(line.where, f"module {path}: not an mpop3 module (no MPOP3_MODULE_CLASS/MPOP3_ABI_VERSION)")
     if kind != line.kind:
         directive = f"{kind}_module" if kind in ("auth", "storage") else "nothing"
-        raise ConfigError(line.where, f"module {path}: is a {kind!r} module, not {line.kind!r} (load it with {directive})")
+        raise ConfigError(
+            line.where, f"module {path}: is a {kind!r} module, not {line.kind!r} (load it with {directive})"
+        )
     if abi != ABI_VERSION:
-        raise ConfigError(line.where, f"module {path}: built for module ABI {abi}, this mpop3 speaks ABI {ABI_VERSION}; rebuild it")
+        raise ConfigError(
+            line.where, f"module {path}: built for module ABI {abi}, this mpop3 speaks ABI {ABI_VERSION}; rebuild it"
+        )
     accepted = getattr(module, "MPOP3_SETTINGS", {}) or {}
     for name in line.settings:
         if name not in accepted:
             known = ", ".join(sorted(accepted)) or "none"
-            raise ConfigError(line.setting_lines[name],
-                              f"module {path} does not accept setting {name!r} (it accepts: {known})")
+            raise ConfigError(
+                line.setting_lines[name], f"module {path} does not accept setting {name!r} (it accepts: {known})"
+            )
 
 
 def run_init(module, line, path):

@@ -21,8 +21,9 @@ def setup(config, debug=False, force_stderr=False):
                 probe.connect(config.syslog_socket)
             handler = logging.handlers.SysLogHandler(address=config.syslog_socket, facility=facility)
         except OSError as e:
-            raise ConfigError(config.path, f"log syslog: cannot reach syslog at {config.syslog_socket}: "
-                                           f"{e.strerror or e}") from None
+            raise ConfigError(
+                config.path, f"log syslog: cannot reach syslog at {config.syslog_socket}: {e.strerror or e}"
+            ) from None
         handler.setFormatter(logging.Formatter("mpop3[%(process)d]: %(message)s"))
     else:
         handler = logging.StreamHandler()

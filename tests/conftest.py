@@ -34,8 +34,9 @@ def python_reachable_by_safe_user():
 def installed(tmp_path_factory):
     """`make install PREFIX=<tmp>`: the prefix, as a user would have it."""
     prefix = tmp_path_factory.mktemp("prefix")
-    subprocess.run(["make", "-s", "install", f"PREFIX={prefix}"], cwd=TREE, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        ["make", "-s", "install", f"PREFIX={prefix}"], cwd=TREE, check=True, capture_output=True, timeout=300
+    )
     return prefix
 
 
@@ -49,8 +50,9 @@ def build_module(installed, workdir, source):
     with open(os.path.join(workdir, "Makefile"), "w") as mk:
         mk.write(f"MODULE = {name}\ninclude $(shell mpop3 --module-mk)\n")
     env = dict(os.environ, PATH=f"{installed}/bin:{os.environ['PATH']}")
-    return subprocess.Popen(["make", "-s"], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["make", "-s"], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.fixture(scope="session")

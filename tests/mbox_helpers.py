@@ -5,8 +5,8 @@ import glob
 import os
 import random
 
-from mpop3.mbox import kernels_reference as mbox_reference
 from mpop3.loader import import_module_file
+from mpop3.mbox import kernels_reference as mbox_reference
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE_PATH = glob.glob(os.path.join(TREE, "modules", "storage_mbox.*.so"))[0]
@@ -22,17 +22,41 @@ def storage(spool_dir, **extra):
 def message(n, body_lines=3, sender="sender@example.org"):
     """One mbox record: From line, a few headers, a body, the separator."""
     body = b"".join(b"line %d of message %d\n" % (k, n) for k in range(body_lines))
-    return (b"From %s Thu Nov 19 10:00:%02d 2026\nSubject: message %d\nMessage-ID: <%d@example.org>\n\n"
-            % (sender.encode(), n % 60, n, n) + body + b"\n")
+    return (
+        b"From %s Thu Nov 19 10:00:%02d 2026\nSubject: message %d\nMessage-ID: <%d@example.org>\n\n"
+        % (sender.encode(), n % 60, n, n)
+        + body
+        + b"\n"
+    )
 
 
 def spool_of(count, start=0, body_lines=3):
     return b"".join(message(n, body_lines) for n in range(start, start + count))
 
 
-PIECES = [b"From a@b Mon Nov 16 10:00:00 2026\n", b"From x\r\n", b"\n", b"\r\n", b".\n", b"..x\n",
-          b".\r\n", b"From in body\n", b">From quoted\n", b"a\rb\n", b"\r", b"\0\0\n", b"Subject: hi\n",
-          b"X: y\r\n", b"body text\n", b"F", b"Fro", b"From", b"From ", b" ", b"\n\n"]
+PIECES = [
+    b"From a@b Mon Nov 16 10:00:00 2026\n",
+    b"From x\r\n",
+    b"\n",
+    b"\r\n",
+    b".\n",
+    b"..x\n",
+    b".\r\n",
+    b"From in body\n",
+    b">From quoted\n",
+    b"a\rb\n",
+    b"\r",
+    b"\0\0\n",
+    b"Subject: hi\n",
+    b"X: y\r\n",
+    b"body text\n",
+    b"F",
+    b"Fro",
+    b"From",
+    b"From ",
+    b" ",
+    b"\n\n",
+]
 
 
 def random_spool(rng, pieces=40):
@@ -44,7 +68,7 @@ def reference_view(data):
     """What a POP3 client must see for this spool: [(size, uid, RETR bytes)]."""
     out = []
     for m in mbox_reference.parse(data):
-        out.append((m.size, m.uid, mbox_reference.render(data[m.data:m.end])))
+        out.append((m.size, m.uid, mbox_reference.render(data[m.data : m.end])))
     return out
 
 
@@ -52,8 +76,20 @@ def seeded(seed):
     return random.Random(seed)
 
 
-BODY_LINES = [b"plain text\n", b".\n", b"..\n", b".starts with a dot\r\n", b"From inside a body\n",
-              b">From quoted\n", b"nul\0byte\n", b"lone\rcr\n", b"crlf line\r\n", b"\n", b"\r\n", b"\r\r\n"]
+BODY_LINES = [
+    b"plain text\n",
+    b".\n",
+    b"..\n",
+    b".starts with a dot\r\n",
+    b"From inside a body\n",
+    b">From quoted\n",
+    b"nul\0byte\n",
+    b"lone\rcr\n",
+    b"crlf line\r\n",
+    b"\n",
+    b"\r\n",
+    b"\r\r\n",
+]
 
 
 def random_mailbox(rng, messages=12):
@@ -62,7 +98,7 @@ def random_mailbox(rng, messages=12):
     lines that are just ".", 100 KB lines, empty bodies, byte-identical
     duplicates, a last line without a newline."""
     records = []
-    for n in range(rng.randint(0, messages)):
+    for _ in range(rng.randint(0, messages)):
         if records and rng.random() < 0.15:
             records.append(rng.choice(records))  # an identical duplicate
             continue

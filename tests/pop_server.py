@@ -34,7 +34,7 @@ FAST = {"login_fail_delay": "0.01", "login_fail_delay_max": "0.04", "shutdown_gr
 
 
 def make_conf(extra=None, listen=None):
-    lines = [f"listen {listen or '127.0.0.1:%d' % free_port()}"]
+    lines = [f"listen {listen or f'127.0.0.1:{free_port()}'}"]
     for name, value in {**FAST, **(extra or {})}.items():
         lines.append(f"{name} {value}")
     return config.parse("\n".join(lines) + "\n", "test.conf")
@@ -120,7 +120,7 @@ class MemoryStorage(StorageFunctions):
         data = wire_form(message) if body_lines is None else top_form(message, body_lines)
         for i in range(0, len(data), self.chunk):
             self.dumped += 1
-            yield data[i:i + self.chunk]
+            yield data[i : i + self.chunk]
 
     def storage_synch(self, handle, deleted):
         self.commits.append((handle[0], list(deleted)))
@@ -242,7 +242,7 @@ class Wire:
                 self.buf += data
         except (ConnectionResetError, BrokenPipeError):
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def login(self, user, password):
@@ -286,8 +286,12 @@ def write_site(root, users, boxes, extra=None):
     lines = [f"module_dir {TREE}/modules"]
     for name, value in {**FAST, **(extra or {})}.items():
         lines.append(f"{name} {value}")
-    lines += ["auth_module auth_file", f"> passwd_file {root}/passwd",
-              "storage_module storage_mbox", f"> storage_dir {spool}"]
+    lines += [
+        "auth_module auth_file",
+        f"> passwd_file {root}/passwd",
+        "storage_module storage_mbox",
+        f"> storage_dir {spool}",
+    ]
     path = os.path.join(root, "mpop3.conf")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -322,7 +326,10 @@ class Spawned:
         self.conf_path = conf_path
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mpop3", "-c", conf_path, "-l", f"127.0.0.1:{self.port}", *args],
-            cwd=TREE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            cwd=TREE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -16,8 +16,9 @@ from mpop3.protocol import replies
 
 YESCRYPT = crypt(b"yes-pw", b"$y$j9T$abcdefghijklmnop$").decode()
 SLOW_YESCRYPT = crypt(b"slow-pw", b"$y$jDT$abcdefghijklmnop$").decode()  # ~0.3 s per check
-SHA512 = subprocess.run(["openssl", "passwd", "-6", "-salt", "NaCl", "sha-pw"], capture_output=True,
-                        text=True, check=True).stdout.strip()
+SHA512 = subprocess.run(
+    ["openssl", "passwd", "-6", "-salt", "NaCl", "sha-pw"], capture_output=True, text=True, check=True
+).stdout.strip()
 BCRYPT = crypt(b"bf-pw", b"$2b$04$abcdefghijklmnopqrstuu").decode()
 
 PASSWD = f"""# users of the test site
@@ -38,11 +39,18 @@ def load(tmp_path, text):
     return loader.load_modules(conf), passwd
 
 
-@pytest.mark.parametrize("user, password, mailbox", [
-    ("plain", "plain-pw", "plain"), ("tagged", "tagged-pw", "tagged"), ("yes", "yes-pw", "yes"),
-    ("sha", "sha-pw", "shabox"), ("bf", "bf-pw", "bf"), ("crypted", "sha-pw", "crypted"),
-    ("spaces", "two words", "spaces"),
-])
+@pytest.mark.parametrize(
+    "user, password, mailbox",
+    [
+        ("plain", "plain-pw", "plain"),
+        ("tagged", "tagged-pw", "tagged"),
+        ("yes", "yes-pw", "yes"),
+        ("sha", "sha-pw", "shabox"),
+        ("bf", "bf-pw", "bf"),
+        ("crypted", "sha-pw", "crypted"),
+        ("spaces", "two words", "spaces"),
+    ],
+)
 def test_every_password_form_logs_in(tmp_path, user, password, mailbox):
     tables, _ = load(tmp_path, PASSWD)
     assert tables.auth.auth_attempt_login(user, password) == mailbox
@@ -88,8 +96,13 @@ def test_malformed_lines_are_reported_with_their_numbers(tmp_path):
     passwd.write_text(BROKEN)
     conf = tmp_path / "mpop3.conf"
     conf.write_text(f"module_dir {TREE}/modules\nauth_module auth_file\n> passwd_file {passwd}\n")
-    result = subprocess.run([sys.executable, "-m", "mpop3", "--check-config", "-c", str(conf)],
-                            capture_output=True, text=True, cwd=TREE, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "mpop3", "--check-config", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        cwd=TREE,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     for number in (2, 3, 4, 5, 6, 7):
         assert f"{passwd}:{number}:" in result.stderr, result.stderr

@@ -4,9 +4,11 @@ import statistics
 import time
 
 import pytest
+from system_users import system_user
 
 from mpop3 import config, loader
-from system_users import system_user
+
+pytestmark = pytest.mark.root  # system accounts made with useradd, read from shadow
 
 PASSWORD = "c0rrect-h0rse"
 
@@ -62,6 +64,7 @@ def test_no_apop_and_root_needed(auth):
 
 def test_unknown_user_costs_what_a_wrong_password_costs(auth):
     """No user enumeration by timing: a miss runs crypt(3) like a hit."""
+
     def median_time(user):
         times = []
         for _ in range(7):
@@ -79,9 +82,12 @@ def test_unknown_user_costs_what_a_wrong_password_costs(auth):
 
 
 def test_bad_min_uid_is_a_config_error(tmp_path):
-    from test_config import assert_one_line_error, write_conf
     from conftest import run_mpop3
+    from test_config import assert_one_line_error, write_conf
 
     path = write_conf(tmp_path, "auth_module auth_getpw\n> min_uid lots\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
-                          r"auth_getpw\S*: init failed: min_uid 'lots' is not a whole number")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", path),
+        f"{path}:1",
+        r"auth_getpw\S*: init failed: min_uid 'lots' is not a whole number",
+    )

@@ -12,6 +12,8 @@ import subprocess
 import pytest
 from pop_server import Spawned, Wire, write_site
 
+pytestmark = pytest.mark.clients  # fetchmail, getmail, mpop, curl
+
 # The tricky mailbox: each message as written to the spool (without its
 # From_ line); what a client must get is exactly this, line ends aside.
 MESSAGES = [
@@ -27,7 +29,9 @@ MESSAGES = [
     b"From: Dave <dave@example.org>\nSubject: headers only\nMessage-ID: <m3@example.org>\n",
     # a long line and a large body (streamed in chunks)
     b"From: Erin <erin@example.org>\nSubject: big\nMessage-ID: <m4@example.org>\n\n"
-    + b"L" * 1500 + b"\n" + b"".join(b"line %06d of a large message\n" % i for i in range(8000)),
+    + b"L" * 1500
+    + b"\n"
+    + b"".join(b"line %06d of a large message\n" % i for i in range(8000)),
     # an identical duplicate of message 3: UIDs must still differ (getmail aborts otherwise)
     b"From: Dave <dave@example.org>\nSubject: headers only\nMessage-ID: <m3@example.org>\n",
     # the last message in the file has no final newline
@@ -79,8 +83,7 @@ def site(tmp_path):
 def run(server, command, ok=(0,)):
     env = dict(os.environ, HOME=str(server.home), LC_ALL="C")
     result = subprocess.run(command, capture_output=True, env=env, timeout=60, cwd=server.home)
-    assert result.returncode in ok, (command, result.returncode, result.stdout[-2000:],
-                                                     result.stderr[-2000:])
+    assert result.returncode in ok, (command, result.returncode, result.stdout[-2000:], result.stderr[-2000:])
     return result
 
 
@@ -160,11 +163,13 @@ def fetchmail(site, keep):
         "set no syslog\nset invisible\n"
         f"poll 127.0.0.1 with proto POP3 service {site.port} uidl auth password\n"
         f'  user "bob" there with password "pw" is "root" here {"keep" if keep else "nokeep"} sslproto ""\n'
-        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n")
+        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
+    )
     rc.chmod(0o600)
     # exit code 1: "no mail" (the second run)
-    return run(site, ["fetchmail", "-f", str(rc), "--idfile", str(site.home / ".fetchids"),
-                      "--nosyslog", "-v"], ok=(0, 1)), out
+    return run(
+        site, ["fetchmail", "-f", str(rc), "--idfile", str(site.home / ".fetchids"), "--nosyslog", "-v"], ok=(0, 1)
+    ), out
 
 
 def test_fetchmail_keep_uidl_then_nothing_new(site):
@@ -198,9 +203,10 @@ def getmail(site, delete):
         "[retriever]\ntype = SimplePOP3Retriever\nserver = 127.0.0.1\n"
         f"port = {site.port}\nusername = bob\npassword = pw\n"
         "[destination]\ntype = MDA_external\npath = /bin/sh\n"
-        f"arguments = (\"-c\", \"cat > {out}/msg.$$\")\nallow_root_commands = true\nunixfrom = false\n"
+        f'arguments = ("-c", "cat > {out}/msg.$$")\nallow_root_commands = true\nunixfrom = false\n'
         f"[options]\ndelete = {'true' if delete else 'false'}\nread_all = false\n"
-        "received = false\ndelivered_to = false\nverbose = 1\n")
+        "received = false\ndelivered_to = false\nverbose = 1\n"
+    )
     getmaildir = site.home / ".getmail"
     getmaildir.mkdir(exist_ok=True)
     result = run(site, ["getmail", f"--getmaildir={getmaildir}", f"--rcfile={rc}"])
@@ -235,7 +241,8 @@ def mpop(site, keep):
         f"account default\nhost 127.0.0.1\nport {site.port}\nuser bob\npassword pw\n"
         "tls off\nauth user\nreceived_header off\n"
         f"keep {'on' if keep else 'off'}\nuidls_file {site.home}/.mpop_uidls\n"
-        f"delivery maildir {maildir}\n")
+        f"delivery maildir {maildir}\n"
+    )
     rc.chmod(0o600)
     result = run(site, ["mpop", "-C", str(rc), "-a"])
     return result, sorted(read_dir(maildir / "new"))

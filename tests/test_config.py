@@ -5,8 +5,8 @@ import os
 import re
 
 import pytest
-
 from conftest import TREE, run_mpop3
+
 from mpop3 import config, loader
 from mpop3.errors import ConfigError
 
@@ -121,7 +121,9 @@ def test_every_module_setting_is_documented():
     with open(os.path.join(TREE, "README.md")) as f:
         readme = f.read()
     for name in ("auth_file", "auth_getpw", "storage_mbox"):
-        module = loader.import_module_file(config.resolve_module_file(name, config.DIRECTIVES["module_dir"].default), "t")
+        module = loader.import_module_file(
+            config.resolve_module_file(name, config.DIRECTIVES["module_dir"].default), "t"
+        )
         for setting in module.MPOP3_SETTINGS:
             assert re.search(rf"^\| `{name}` \| `{setting}` \|", readme, re.M), f"README.md lacks {name} {setting}"
 

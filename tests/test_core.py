@@ -14,8 +14,20 @@ from mpop3.errors import BadMailboxName, LoginDelay, MailboxInUse, StoragePermEr
 from mpop3.protocol import replies
 from mpop3.protocol._parser import TOO_LONG
 from mpop3.protocol.commands import AUTHORIZATION, CLOSED, COMMANDS, TRANSACTION, UPDATE
-from mpop3.protocol.core import (APOP, CLOSE, CRAM_MD5, LOAD_UIDS, START_TLS, CheckLogin, Commit, OpenMailbox,
-                                 Policy, SendMessage, SessionCore, Signal)
+from mpop3.protocol.core import (
+    APOP,
+    CLOSE,
+    CRAM_MD5,
+    LOAD_UIDS,
+    START_TLS,
+    CheckLogin,
+    Commit,
+    OpenMailbox,
+    Policy,
+    SendMessage,
+    SessionCore,
+    Signal,
+)
 
 R = replies
 SASL_CHALLENGE = re.compile(rb"\+ [A-Za-z0-9+/]*={0,2}\r\n")
@@ -24,8 +36,9 @@ SIZES = [100, 200, 300]
 
 def core(**options):
     defaults = dict(cleartext_ok=True, timestamp=b"<1.2@host>")
-    return SessionCore(Policy(max_bad_commands=4, max_login_failures=2, cram_md5=True), "192.0.2.7",
-                       **{**defaults, **options})
+    return SessionCore(
+        Policy(max_bad_commands=4, max_login_failures=2, cram_md5=True), "192.0.2.7", **{**defaults, **options}
+    )
 
 
 def event(name, *args):
@@ -55,8 +68,11 @@ def play(script, session=None):
 
 AUTHORIZATION_CASES = {
     "USER": [(b"USER bob", [R.OK_USER.wire]), (b"USER", [R.ERR_USAGE["USER"].wire])],
-    "PASS": [(b"PASS x", [R.ERR_PASS_FIRST.wire]),
-             (b"USER bob", [R.OK_USER.wire]), (b"PASS two words", [CheckLogin(b"bob", b"two words")])],
+    "PASS": [
+        (b"PASS x", [R.ERR_PASS_FIRST.wire]),
+        (b"USER bob", [R.OK_USER.wire]),
+        (b"PASS two words", [CheckLogin(b"bob", b"two words")]),
+    ],
     "APOP": [(b"APOP bob 0123", [CheckLogin(b"bob", b"0123", APOP, b"<1.2@host>")])],
     "AUTH": [(b"AUTH PLAIN AGJvYgBwdw==", [CheckLogin(b"bob", b"pw")])],
     "STLS": [(b"STLS", [R.ERR_NO_TLS.wire])],
@@ -74,23 +90,34 @@ AUTHORIZATION_CASES = {
 
 TRANSACTION_CASES = {
     "STAT": [(b"STAT", [b"+OK 3 600\r\n"])],
-    "LIST": [(b"LIST", [b"+OK 3 messages (600 octets)\r\n1 100\r\n2 200\r\n3 300\r\n.\r\n"]),
-             (b"LIST 2", [b"+OK 2 200\r\n"]), (b"LIST 4", [R.ERR_NO_SUCH_MESSAGE.wire]),
-             (b"LIST 0", [R.ERR_NO_SUCH_MESSAGE.wire])],
-    "RETR": [(b"RETR 2", [SendMessage(1, None, b"+OK 200 octets\r\n")]),
-             (event("message_sent"), [])],
+    "LIST": [
+        (b"LIST", [b"+OK 3 messages (600 octets)\r\n1 100\r\n2 200\r\n3 300\r\n.\r\n"]),
+        (b"LIST 2", [b"+OK 2 200\r\n"]),
+        (b"LIST 4", [R.ERR_NO_SUCH_MESSAGE.wire]),
+        (b"LIST 0", [R.ERR_NO_SUCH_MESSAGE.wire]),
+    ],
+    "RETR": [(b"RETR 2", [SendMessage(1, None, b"+OK 200 octets\r\n")]), (event("message_sent"), [])],
     "TOP": [(b"TOP 3 0", [SendMessage(2, 0, R.OK_TOP)]), (event("message_sent"), [])],
-    "DELE": [(b"DELE 1", [R.OK_DELETED.wire]), (b"DELE 1", [R.ERR_DELETED.wire]),
-             (b"RETR 1", [R.ERR_DELETED.wire]), (b"STAT", [b"+OK 2 500\r\n"]),
-             (b"LIST", [b"+OK 2 messages (500 octets)\r\n2 200\r\n3 300\r\n.\r\n"])],
+    "DELE": [
+        (b"DELE 1", [R.OK_DELETED.wire]),
+        (b"DELE 1", [R.ERR_DELETED.wire]),
+        (b"RETR 1", [R.ERR_DELETED.wire]),
+        (b"STAT", [b"+OK 2 500\r\n"]),
+        (b"LIST", [b"+OK 2 messages (500 octets)\r\n2 200\r\n3 300\r\n.\r\n"]),
+    ],
     "RSET": [(b"DELE 3", [R.OK_DELETED.wire]), (b"RSET", [b"+OK maildrop has 3 messages (600 octets)\r\n"])],
     "NOOP": [(b"NOOP", [R.OK_NOOP.wire])],
-    "UIDL": [(b"UIDL", [LOAD_UIDS]),
-             (event("uids_loaded", ["a", "b", b"c"]), [b"+OK unique-id listing follows\r\n1 a\r\n2 b\r\n3 c\r\n.\r\n"]),
-             (b"UIDL 2", [b"+OK 2 b\r\n"])],  # loaded once
+    "UIDL": [
+        (b"UIDL", [LOAD_UIDS]),
+        (event("uids_loaded", ["a", "b", b"c"]), [b"+OK unique-id listing follows\r\n1 a\r\n2 b\r\n3 c\r\n.\r\n"]),
+        (b"UIDL 2", [b"+OK 2 b\r\n"]),
+    ],  # loaded once
     "CAPA": [(b"CAPA", [R.capabilities(user=True, sasl=["PLAIN", "LOGIN", "CRAM-MD5"])])],
-    "QUIT": [(b"DELE 2", [R.OK_DELETED.wire]), (b"QUIT", [Commit((1,))]),
-             (event("committed", None), [b"+OK mpop3 signing off (1 deleted, 2 left)\r\n", CLOSE])],
+    "QUIT": [
+        (b"DELE 2", [R.OK_DELETED.wire]),
+        (b"QUIT", [Commit((1,))]),
+        (event("committed", None), [b"+OK mpop3 signing off (1 deleted, 2 left)\r\n", CLOSE]),
+    ],
     "USER": [(b"USER bob", [R.ERR_NOT_NOW.wire])],
     "PASS": [(b"PASS x", [R.ERR_NOT_NOW.wire])],
     "APOP": [(b"APOP a b", [R.ERR_NOT_NOW.wire])],
@@ -137,56 +164,86 @@ def test_busy_while_an_action_is_outstanding():
 
 # --- logins that fail or are refused ---------------------------------------------------
 
+
 def test_failed_logins_answer_after_their_delay_and_the_last_closes():
-    session = play([
-        (b"USER bob", [R.OK_USER.wire]), (b"PASS wrong", [CheckLogin(b"bob", b"wrong")]),
-        (event("login_failed"), [R.ERR_AUTH.wire]),
-        (b"APOP bob 00", [CheckLogin(b"bob", b"00", APOP, b"<1.2@host>")]),
-    ])
+    session = play(
+        [
+            (b"USER bob", [R.OK_USER.wire]),
+            (b"PASS wrong", [CheckLogin(b"bob", b"wrong")]),
+            (event("login_failed"), [R.ERR_AUTH.wire]),
+            (b"APOP bob 00", [CheckLogin(b"bob", b"00", APOP, b"<1.2@host>")]),
+        ]
+    )
     assert session.last_chance()
     play([(event("login_failed"), [R.ERR_TOO_MANY_FAILURES.wire, CLOSE])], session)
     assert session.state is CLOSED
 
 
-@pytest.mark.parametrize("error, reply", [
-    (LoginDelay(), R.ERR_LOGIN_DELAY), (MailboxInUse("x"), R.ERR_IN_USE), (StorageTempError("x"), R.ERR_TEMP),
-    (StoragePermError("x"), R.ERR_PERM), (BadMailboxName("../x"), R.ERR_BAD_MAILBOX),
-    (RuntimeError("a module's bug"), R.ERR_INTERNAL),
-])
+@pytest.mark.parametrize(
+    "error, reply",
+    [
+        (LoginDelay(), R.ERR_LOGIN_DELAY),
+        (MailboxInUse("x"), R.ERR_IN_USE),
+        (StorageTempError("x"), R.ERR_TEMP),
+        (StoragePermError("x"), R.ERR_PERM),
+        (BadMailboxName("../x"), R.ERR_BAD_MAILBOX),
+        (RuntimeError("a module's bug"), R.ERR_INTERNAL),
+    ],
+)
 def test_refused_logins_leave_the_session_in_authorization(error, reply):
-    session = play(LOG_IN[:2] + [(event("login_refused", error), [reply.wire]),
-                                 (b"USER bob", [R.OK_USER.wire])])
+    session = play(LOG_IN[:2] + [(event("login_refused", error), [reply.wire]), (b"USER bob", [R.OK_USER.wire])])
     assert session.state is AUTHORIZATION and not session.busy
 
 
 def test_a_mailbox_that_does_not_open_is_refused_too():
-    play(LOG_IN[:3] + [(event("login_refused", MailboxInUse("x")), [R.ERR_IN_USE.wire]),
-                       (b"STAT", [R.ERR_NOT_NOW.wire])])
+    play(
+        LOG_IN[:3] + [(event("login_refused", MailboxInUse("x")), [R.ERR_IN_USE.wire]), (b"STAT", [R.ERR_NOT_NOW.wire])]
+    )
 
 
 # --- limits -------------------------------------------------------------------------
 
+
 def test_bad_commands_in_a_row_close_the_session():
-    play([(b"FOO", [R.ERR_UNKNOWN.wire]), (b"STAT", [R.ERR_NOT_NOW.wire]), (b"NOOP", [R.ERR_NOT_NOW.wire]),
-          (b"USER bob", [R.OK_USER.wire]),  # a good one resets the count
-          (b"FOO", [R.ERR_UNKNOWN.wire]), (b"", [R.ERR_UNKNOWN.wire]), (b"NO\0OP", [R.ERR_UNKNOWN.wire]),
-          (b"LIST 4294967297", [R.ERR_TOO_MANY_BAD.wire, CLOSE])])
+    play(
+        [
+            (b"FOO", [R.ERR_UNKNOWN.wire]),
+            (b"STAT", [R.ERR_NOT_NOW.wire]),
+            (b"NOOP", [R.ERR_NOT_NOW.wire]),
+            (b"USER bob", [R.OK_USER.wire]),  # a good one resets the count
+            (b"FOO", [R.ERR_UNKNOWN.wire]),
+            (b"", [R.ERR_UNKNOWN.wire]),
+            (b"NO\0OP", [R.ERR_UNKNOWN.wire]),
+            (b"LIST 4294967297", [R.ERR_TOO_MANY_BAD.wire, CLOSE]),
+        ]
+    )
 
 
 def test_a_second_over_long_line_closes_the_session():
-    play([(TOO_LONG, [R.ERR_TOO_LONG.wire]), (b"NOOP", [R.ERR_NOT_NOW.wire]),
-          (TOO_LONG, [R.ERR_TOO_LONG_BYE.wire, CLOSE])])
+    play(
+        [
+            (TOO_LONG, [R.ERR_TOO_LONG.wire]),
+            (b"NOOP", [R.ERR_NOT_NOW.wire]),
+            (TOO_LONG, [R.ERR_TOO_LONG_BYE.wire, CLOSE]),
+        ]
+    )
 
 
 # --- SASL (RFC 5034) ----------------------------------------------------------------
+
 
 def test_sasl_plain_without_an_initial_response():
     play([(b"AUTH PLAIN", [b"+ \r\n"]), (b"AGJvYgBwdw==", [CheckLogin(b"bob", b"pw")])])
 
 
 def test_sasl_login():
-    play([(b"auth login", [b"+ VXNlcm5hbWU6\r\n"]), (b"Ym9i", [b"+ UGFzc3dvcmQ6\r\n"]),
-          (b"cHc=", [CheckLogin(b"bob", b"pw")])])
+    play(
+        [
+            (b"auth login", [b"+ VXNlcm5hbWU6\r\n"]),
+            (b"Ym9i", [b"+ UGFzc3dvcmQ6\r\n"]),
+            (b"cHc=", [CheckLogin(b"bob", b"pw")]),
+        ]
+    )
 
 
 def test_sasl_cram_md5_and_cancelling():
@@ -205,31 +262,57 @@ def test_malformed_sasl_counts_as_a_bad_command():
 
 # --- the cleartext policy and STLS -------------------------------------------------------
 
+
 def test_without_cleartext_passwords_user_and_plain_are_refused():
-    session = play([(b"USER bob", [R.ERR_CLEARTEXT.wire]), (b"PASS x", [R.ERR_CLEARTEXT.wire]),
-                    (b"AUTH PLAIN", [R.ERR_CLEARTEXT.wire]),
-                    (b"CAPA", [R.capabilities(user=False, stls=True, sasl=["CRAM-MD5"])])],
-                   core(cleartext_ok=False, tls_available=True))
+    session = play(
+        [
+            (b"USER bob", [R.ERR_CLEARTEXT.wire]),
+            (b"PASS x", [R.ERR_CLEARTEXT.wire]),
+            (b"AUTH PLAIN", [R.ERR_CLEARTEXT.wire]),
+            (b"CAPA", [R.capabilities(user=False, stls=True, sasl=["CRAM-MD5"])]),
+        ],
+        core(cleartext_ok=False, tls_available=True),
+    )
     play([(b"STLS", [R.OK_STLS.wire, START_TLS])], session)
     assert session.busy
-    play([(event("tls_started"), []), (b"STLS", [R.ERR_TLS_ACTIVE.wire]), (b"USER bob", [R.OK_USER.wire]),
-          (b"CAPA", [R.capabilities(user=True, sasl=["PLAIN", "LOGIN", "CRAM-MD5"])])], session)
+    play(
+        [
+            (event("tls_started"), []),
+            (b"STLS", [R.ERR_TLS_ACTIVE.wire]),
+            (b"USER bob", [R.OK_USER.wire]),
+            (b"CAPA", [R.capabilities(user=True, sasl=["PLAIN", "LOGIN", "CRAM-MD5"])]),
+        ],
+        session,
+    )
     assert session.secure
 
 
 def test_stls_forgets_a_user_given_before_it():
     session = core(tls_available=True)
-    play([(b"USER bob", [R.OK_USER.wire]), (b"STLS", [R.OK_STLS.wire, START_TLS]), (event("tls_started"), []),
-          (b"PASS x", [R.ERR_PASS_FIRST.wire])], session)
+    play(
+        [
+            (b"USER bob", [R.OK_USER.wire]),
+            (b"STLS", [R.OK_STLS.wire, START_TLS]),
+            (event("tls_started"), []),
+            (b"PASS x", [R.ERR_PASS_FIRST.wire]),
+        ],
+        session,
+    )
 
 
 # --- storage trouble while serving ---------------------------------------------------------
 
+
 def test_a_storage_failure_before_sending_is_an_error_a_temporary_one_ends_the_session():
-    session = play(LOG_IN + [(b"RETR 1", [SendMessage(0, None, b"+OK 100 octets\r\n")]),
-                             (event("storage_failed", StoragePermError("x")), [R.ERR_PERM.wire]),
-                             (b"RETR 1", [SendMessage(0, None, b"+OK 100 octets\r\n")]),
-                             (event("storage_failed", StorageTempError("x")), [R.ERR_CHANGED.wire, CLOSE])])
+    session = play(
+        LOG_IN
+        + [
+            (b"RETR 1", [SendMessage(0, None, b"+OK 100 octets\r\n")]),
+            (event("storage_failed", StoragePermError("x")), [R.ERR_PERM.wire]),
+            (b"RETR 1", [SendMessage(0, None, b"+OK 100 octets\r\n")]),
+            (event("storage_failed", StorageTempError("x")), [R.ERR_CHANGED.wire, CLOSE]),
+        ]
+    )
     assert session.state is CLOSED
 
 
@@ -238,17 +321,29 @@ def test_unique_ids_that_do_not_match_the_messages_end_the_session():
 
 
 def test_no_uidl_when_the_mailbox_has_none():
-    play(LOG_IN[:3] + [(event("mailbox_opened", [5], False), [b"+OK maildrop has 1 message (5 octets)\r\n"]),
-                       (b"UIDL", [R.ERR_NO_UIDL.wire]),
-                       (b"CAPA", [R.capabilities(uidl=False, user=True, sasl=["PLAIN", "LOGIN", "CRAM-MD5"])])])
+    play(
+        LOG_IN[:3]
+        + [
+            (event("mailbox_opened", [5], False), [b"+OK maildrop has 1 message (5 octets)\r\n"]),
+            (b"UIDL", [R.ERR_NO_UIDL.wire]),
+            (b"CAPA", [R.capabilities(uidl=False, user=True, sasl=["PLAIN", "LOGIN", "CRAM-MD5"])]),
+        ]
+    )
 
 
 def test_a_failed_commit_is_an_error_and_the_end():
-    play(LOG_IN + [(b"DELE 1", [R.OK_DELETED.wire]), (b"QUIT", [Commit((0,))]),
-                   (event("committed", StorageTempError("disk full")), [R.ERR_TEMP.wire, CLOSE])])
+    play(
+        LOG_IN
+        + [
+            (b"DELE 1", [R.OK_DELETED.wire]),
+            (b"QUIT", [Commit((0,))]),
+            (event("committed", StorageTempError("disk full")), [R.ERR_TEMP.wire, CLOSE]),
+        ]
+    )
 
 
 # --- the seam: handing a session over after login ---------------------------------------------
+
 
 def test_a_session_handed_over_after_login_goes_on_as_if_it_had_not_moved():
     here = play(LOG_IN[:3])
@@ -274,12 +369,42 @@ def test_a_core_refusing_unknown_events_is_impossible_to_confuse_with_replies():
 
 # --- any input, no loop ----------------------------------------------------------------------
 
-LINES = st.sampled_from([
-    b"USER bob", b"PASS secret", b"PASS wrong", b"STAT", b"LIST", b"LIST 1", b"LIST 0", b"RETR 1", b"RETR 9",
-    b"TOP 1 0", b"TOP 2 1", b"DELE 1", b"DELE 3", b"RSET", b"NOOP", b"UIDL", b"UIDL 2", b"CAPA", b"QUIT",
-    b"STLS", b"AUTH PLAIN", b"AUTH LOGIN", b"AUTH CRAM-MD5", b"*", b"AGJvYgBzZWNyZXQ=", b"Ym9i",
-    b"APOP bob 00000000000000000000000000000000", b"LIST 4294967297", b"", b"\0", b"x" * 70, TOO_LONG,
-])
+LINES = st.sampled_from(
+    [
+        b"USER bob",
+        b"PASS secret",
+        b"PASS wrong",
+        b"STAT",
+        b"LIST",
+        b"LIST 1",
+        b"LIST 0",
+        b"RETR 1",
+        b"RETR 9",
+        b"TOP 1 0",
+        b"TOP 2 1",
+        b"DELE 1",
+        b"DELE 3",
+        b"RSET",
+        b"NOOP",
+        b"UIDL",
+        b"UIDL 2",
+        b"CAPA",
+        b"QUIT",
+        b"STLS",
+        b"AUTH PLAIN",
+        b"AUTH LOGIN",
+        b"AUTH CRAM-MD5",
+        b"*",
+        b"AGJvYgBzZWNyZXQ=",
+        b"Ym9i",
+        b"APOP bob 00000000000000000000000000000000",
+        b"LIST 4294967297",
+        b"",
+        b"\0",
+        b"x" * 70,
+        TOO_LONG,
+    ]
+)
 
 
 def run_actions(session, actions, out):

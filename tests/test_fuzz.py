@@ -22,8 +22,10 @@ from mpop3.server.service import Service
 MESSAGES = [b"Subject: a\n\n.dot\nbody\n", b"Subject: b\r\n\r\nline\r\n", b"Subject: c"]
 
 # first lines that a multi-line body follows
-MULTI = re.compile(rb"\+OK (capability list follows|unique-id listing follows|top of message follows"
-                   rb"|\d+ octets|\d+ messages? \(\d+ octets\))$")
+MULTI = re.compile(
+    rb"\+OK (capability list follows|unique-id listing follows|top of message follows"
+    rb"|\d+ octets|\d+ messages? \(\d+ octets\))$"
+)
 STATUS = re.compile(rb"(\+OK|-ERR) \S[^\r\n]*")
 
 
@@ -87,8 +89,15 @@ class Errors(logging.Handler):
 def harness(request):
     loop = LOOPS[request.param]()
     tables = memory_tables({"bob": "secret"}, {"bob": MESSAGES})
-    conf = make_conf({"login_fail_delay": "0", "login_fail_delay_max": "0", "max_login_failures": "2",
-                      "max_bad_commands": "5", "max_line_length": "64"})
+    conf = make_conf(
+        {
+            "login_fail_delay": "0",
+            "login_fail_delay_max": "0",
+            "max_login_failures": "2",
+            "max_bad_commands": "5",
+            "max_line_length": "64",
+        }
+    )
     server = Service(conf, tables, loop)
     errors = Errors()
     logging.getLogger("mpop3").addHandler(errors)
@@ -112,19 +121,45 @@ def settle(loop, session):
     raise AssertionError("the session stayed busy")
 
 
-TOKENS = st.sampled_from([
-    b"USER bob\r\n", b"PASS secret\r\n", b"PASS wrong\r\n", b"STAT\r\n", b"LIST\r\n", b"LIST 1\r\n",
-    b"LIST 0\r\n", b"RETR 1\r\n", b"RETR 2\n", b"RETR 9\r\n", b"TOP 1 0\r\n", b"TOP 2 1\r\n",
-    b"DELE 1\r\n", b"DELE 3\r\n", b"RSET\r\n", b"NOOP\r\n", b"UIDL\r\n", b"UIDL 2\r\n", b"CAPA\r\n",
-    b"QUIT\r\n", b"APOP bob 00000000000000000000000000000000\r\n", b"LIST 4294967297\r\n",
-    b"\r\n", b"\n", b"\0", b" ", b"x" * 70, b"\xff\xfe", b"user BOB\r\n", b"pass secret\n",
-])
+TOKENS = st.sampled_from(
+    [
+        b"USER bob\r\n",
+        b"PASS secret\r\n",
+        b"PASS wrong\r\n",
+        b"STAT\r\n",
+        b"LIST\r\n",
+        b"LIST 1\r\n",
+        b"LIST 0\r\n",
+        b"RETR 1\r\n",
+        b"RETR 2\n",
+        b"RETR 9\r\n",
+        b"TOP 1 0\r\n",
+        b"TOP 2 1\r\n",
+        b"DELE 1\r\n",
+        b"DELE 3\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"UIDL\r\n",
+        b"UIDL 2\r\n",
+        b"CAPA\r\n",
+        b"QUIT\r\n",
+        b"APOP bob 00000000000000000000000000000000\r\n",
+        b"LIST 4294967297\r\n",
+        b"\r\n",
+        b"\n",
+        b"\0",
+        b" ",
+        b"x" * 70,
+        b"\xff\xfe",
+        b"user BOB\r\n",
+        b"pass secret\n",
+    ]
+)
 STREAMS = st.lists(st.one_of(TOKENS, st.binary(max_size=12)), max_size=25).map(b"".join)
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=STREAMS, cuts=st.lists(st.integers(0, 400), max_size=8), hang_up=st.booleans(),
-       login=st.booleans())
+@given(data=STREAMS, cuts=st.lists(st.integers(0, 400), max_size=8), hang_up=st.booleans(), login=st.booleans())
 def test_any_input_split_anywhere(harness, data, cuts, hang_up, login):
     loop, server, tables, errors = harness
     if login:  # most random streams never log in; half of them start logged in

@@ -4,22 +4,34 @@ and never overwrites an administrator's mpop3.conf."""
 import os
 import subprocess
 
+import pytest
 from conftest import TREE, run_mpop3
+
+pytestmark = pytest.mark.slow  # make install
 
 
 def test_installed_layout_and_version(installed):
     from mpop3 import __version__
 
-    for path in ("bin/mpop3", "etc/mpop3.conf", "lib/mpop3/modules/auth_file.so",
-                 "lib/mpop3/modules/storage_mbox.so", "share/mpop3/module.mk",
-                 "share/mpop3/include/mpop3_module.pxi", "lib/systemd/system/mpop3.service",
-                 "lib/systemd/system/mpop3.socket", "lib/systemd/system/mpop3@.service",
-                 "share/mpop3/xinetd.mpop3"):
+    for path in (
+        "bin/mpop3",
+        "etc/mpop3.conf",
+        "lib/mpop3/modules/auth_file.so",
+        "lib/mpop3/modules/storage_mbox.so",
+        "share/mpop3/module.mk",
+        "share/mpop3/include/mpop3_module.pxi",
+        "lib/systemd/system/mpop3.service",
+        "lib/systemd/system/mpop3.socket",
+        "lib/systemd/system/mpop3@.service",
+        "share/mpop3/xinetd.mpop3",
+    ):
         assert os.path.exists(installed / path), path
     result = run_mpop3("--version", executable=f"{installed}/bin/mpop3")
     assert result.stdout.strip() == f"mpop3 {__version__}"
-    assert run_mpop3("--module-mk", executable=f"{installed}/bin/mpop3").stdout.strip() == \
-        f"{installed}/share/mpop3/module.mk"
+    assert (
+        run_mpop3("--module-mk", executable=f"{installed}/bin/mpop3").stdout.strip()
+        == f"{installed}/share/mpop3/module.mk"
+    )
 
 
 def test_installed_copy_uses_its_own_config_and_modules(installed):
@@ -33,15 +45,21 @@ def test_installed_copy_uses_its_own_config_and_modules(installed):
 def test_install_keeps_an_existing_config(installed):
     conf = installed / "etc" / "mpop3.conf"
     conf.write_text("# the administrator's own\nauth_module auth_file\n")
-    subprocess.run(["make", "-s", "install", f"PREFIX={installed}"], cwd=TREE, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        ["make", "-s", "install", f"PREFIX={installed}"], cwd=TREE, check=True, capture_output=True, timeout=300
+    )
     assert conf.read_text() == "# the administrator's own\nauth_module auth_file\n"
 
 
 def test_destdir_stages_without_baking_it_in(tmp_path):
     stage = tmp_path / "stage"
-    subprocess.run(["make", "-s", "install", f"DESTDIR={stage}", "PREFIX=/opt/mpop3"], cwd=TREE,
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        ["make", "-s", "install", f"DESTDIR={stage}", "PREFIX=/opt/mpop3"],
+        cwd=TREE,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     launcher = (stage / "opt/mpop3/bin/mpop3").read_text()
     assert '"/opt/mpop3/lib/mpop3/python"' in launcher
     assert str(stage) not in launcher

@@ -4,15 +4,19 @@ import socket
 import subprocess
 import sys
 
-from conftest import TREE
+from conftest import TREE, run_mpop3
 from pop_server import served_as_safe_user
 from test_config import assert_one_line_error, write_conf
-from conftest import run_mpop3
 
 
 def serve_one_stdin_session(conf_path, commands):
-    return subprocess.run([sys.executable, "-m", "mpop3", "-s", "-c", conf_path], input=commands,
-                          capture_output=True, timeout=60, cwd=TREE)
+    return subprocess.run(
+        [sys.executable, "-m", "mpop3", "-s", "-c", conf_path],
+        input=commands,
+        capture_output=True,
+        timeout=60,
+        cwd=TREE,
+    )
 
 
 def base_config(tmp_path):
@@ -20,8 +24,10 @@ def base_config(tmp_path):
     (tmp_path / "spool").mkdir()
     (tmp_path / "spool" / "alice").write_bytes(b"From a@b Thu Jan  1 00:00:00 2026\nSubject: hi\n\nbody\n")
     served_as_safe_user(tmp_path / "spool")
-    return (f"auth_module auth_file\n> passwd_file {tmp_path}/passwd\n"
-            f"storage_module storage_mbox\n> storage_dir {tmp_path}/spool\n")
+    return (
+        f"auth_module auth_file\n> passwd_file {tmp_path}/passwd\n"
+        f"storage_module storage_mbox\n> storage_dir {tmp_path}/spool\n"
+    )
 
 
 def test_syslog_receives_the_session_lines(tmp_path):
@@ -29,7 +35,9 @@ def test_syslog_receives_the_session_lines(tmp_path):
     syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     syslog.bind(address)
     syslog.settimeout(10)
-    conf = write_conf(tmp_path, base_config(tmp_path) + f"log syslog\nsyslog_facility local3\nsyslog_socket {address}\n")
+    conf = write_conf(
+        tmp_path, base_config(tmp_path) + f"log syslog\nsyslog_facility local3\nsyslog_socket {address}\n"
+    )
     result = serve_one_stdin_session(conf, b"USER alice\r\nPASS secret\r\nQUIT\r\n")
     assert result.stdout.startswith(b"+OK"), result
     assert result.stderr == b""  # nothing on stderr: it all went to syslog

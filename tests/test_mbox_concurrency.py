@@ -19,17 +19,24 @@ from pop_server import Spawned, served_as_safe_user, write_site
 
 from mpop3.mbox import kernels_reference as ref
 
+pytestmark = pytest.mark.slow  # 100 MB spools, kills, concurrent deliveries
+
 PROCMAIL = shutil.which("procmail")
 
 
 def contents(data):
     """Each message of a spool: From line and content, as bytes."""
-    return [data[m.start:m.end] for m in ref.parse(data)]
+    return [data[m.start : m.end] for m in ref.parse(data)]
 
 
 def delivered(kind, n):
     return b"From %s@example.org Fri Nov 20 09:00:00 2026\nSubject: %s %d\n\nbody of %s %d\n" % (
-        kind.encode(), kind.encode(), n, kind.encode(), n)
+        kind.encode(),
+        kind.encode(),
+        n,
+        kind.encode(),
+        n,
+    )
 
 
 def deliver_with_procmail(rcfile, count):
@@ -52,6 +59,7 @@ FCNTL_APPENDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.clients
 def test_mail_delivered_by_procmail_and_an_fcntl_appender_during_a_session_is_kept(tmp_path):
     assert PROCMAIL, "procmail is installed by .ci/run"
     original = spool_of(3000, body_lines=120)  # ~20 MB, so the commit takes a while
@@ -76,8 +84,8 @@ def test_mail_delivered_by_procmail_and_an_fcntl_appender_during_a_session_is_ke
         assert appender.wait(120) == 0
     final = contents(spool.read_bytes())
     kept = [m for i, m in enumerate(contents(original)) if i not in (0, 2, 2999)]
-    assert final[:len(kept)] == kept
-    arrivals = final[len(kept):]
+    assert final[: len(kept)] == kept
+    arrivals = final[len(kept) :]
     expected = [delivered("procmail", n) for n in range(40)]
     expected += [delivered("fcntl", n) for n in range(40)]
     assert sorted(arrivals) == sorted(expected)  # each once, byte for byte
@@ -125,7 +133,7 @@ def test_kill_9_at_twenty_instants_of_a_100_mb_commit_leaves_old_or_new(tmp_path
     spool = spool_dir / "bob"
     old = spool_of(10000, body_lines=440)
     assert len(old) >= 100 << 20
-    new = old[len(message(0, body_lines=440)):]
+    new = old[len(message(0, body_lines=440)) :]
     script = COMMITTER.format(tree=TREE, spool_dir=str(spool_dir))
     spool.write_bytes(old)
     finished = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True, timeout=120)
@@ -163,6 +171,7 @@ def test_kill_9_at_twenty_instants_of_a_100_mb_commit_leaves_old_or_new(tmp_path
 
 # ---- disk full -----------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_tmpfs():
     where = tempfile.mkdtemp(prefix="mbox-tmpfs-")
@@ -172,6 +181,7 @@ def small_tmpfs():
     os.rmdir(where)
 
 
+@pytest.mark.root
 def test_disk_full_during_a_commit_answers_err_and_keeps_the_spool(small_tmpfs, tmp_path):
     conf = write_site(tmp_path, {"bob": "secret"}, {})
     spool_dir = os.path.join(small_tmpfs, "spool")
@@ -203,6 +213,7 @@ def test_disk_full_during_a_commit_answers_err_and_keeps_the_spool(small_tmpfs, 
         assert f.read() == spool_of(1199, body_lines=100)
 
 
+@pytest.mark.clients
 def test_procmail_waits_for_the_dot_lock_and_the_fcntl_lock_we_take(tmp_path):
     # the locks a scan or a commit holds are the ones procmail respects
     spool = tmp_path / "bob"
@@ -210,6 +221,7 @@ def test_procmail_waits_for_the_dot_lock_and_the_fcntl_lock_we_take(tmp_path):
     rcfile = tmp_path / "procmailrc"
     rcfile.write_text(f"SHELL=/bin/sh\nLOCKSLEEP=1\n:0:\n{spool}\n")
     from mpop3.mbox.lock import spool_locks
+
     fd = os.open(spool, os.O_RDWR)
     try:
         for methods in (("dotlock",), ("fcntl",)):

@@ -41,15 +41,17 @@ def index_of(data, cuts=None):
     scanner = _kernels.Scanner()
     pos = 0
     for cut in cuts or [len(data)]:
-        scanner.feed(data[pos:pos + cut])
+        scanner.feed(data[pos : pos + cut])
         pos += cut
     scanner.feed(data[pos:])
     return scanner.finish()
 
 
 def view_of(index):
-    return [(index.start(i), index.data(i), index.end(i), index.record_end(i), index.size(i), index.uid(i))
-            for i in range(len(index))]
+    return [
+        (index.start(i), index.data(i), index.end(i), index.record_end(i), index.size(i), index.uid(i))
+        for i in range(len(index))
+    ]
 
 
 def reference_rows(data):
@@ -57,9 +59,9 @@ def reference_rows(data):
 
 
 def retr(data, index, i, body_lines=None, piece=65536):
-    content = data[index.data(i):index.end(i)]
+    content = data[index.data(i) : index.end(i)]
     writer = _kernels.DotWriter(body_lines)
-    out = b"".join(writer.feed(content[k:k + piece]) for k in range(0, len(content), piece))
+    out = b"".join(writer.feed(content[k : k + piece]) for k in range(0, len(content), piece))
     return out + writer.finish()
 
 
@@ -72,13 +74,13 @@ def test_hand_made_spools_give_what_a_client_expects(data, expected):
 
 def test_hundreds_of_random_spools_agree_with_the_reference_at_random_cuts():
     rng = seeded(3)
-    for n in range(600):
+    for _ in range(600):
         data = random_spool(rng)
         cuts = [rng.randint(1, 9) for _ in range(len(data))]
         index = index_of(data, cuts)
         assert view_of(index) == reference_rows(data), data
         for i, m in enumerate(ref.parse(data)):
-            content = data[m.data:m.end]
+            content = data[m.data : m.end]
             for body_lines in (None, 0, 1, 2):
                 expected = ref.render(content, body_lines)
                 assert retr(data, index, i, body_lines, piece=rng.randint(1, 7)) == expected, (data, i)
@@ -96,7 +98,7 @@ def test_every_split_point_of_a_tricky_spool():
 
 def test_every_retr_sends_exactly_the_octets_list_announced():
     rng = seeded(5)
-    for n in range(300):
+    for _ in range(300):
         data = random_spool(rng, 60)
         index = index_of(data)
         for i in range(len(index)):
@@ -146,11 +148,11 @@ def test_unique_ids_are_printable_short_unique_and_independent_of_position():
     assert len(set(uids)) == len(uids) == 103
     assert all(1 <= len(u) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in u) for u in uids)
     # delete the first 30 messages: the other ids stay
-    kept = b"".join(data[index.start(i):index.record_end(i)] for i in range(30, 103))
+    kept = b"".join(data[index.start(i) : index.record_end(i)] for i in range(30, 103))
     assert list(index_of(kept).uids) == uids[30:]
     # delete one of three byte-identical copies: nothing tells the copies
     # apart, so the later ones are renumbered; every other id stays
-    kept = b"".join(data[index.start(i):index.record_end(i)] for i in range(103) if i != 50)
+    kept = b"".join(data[index.start(i) : index.record_end(i)] for i in range(103) if i != 50)
     after = list(index_of(kept).uids)
     assert after[:100] == uids[:50] + uids[51:101]
     assert after[100:] == [uids[50], uids[50] + "-1"]
@@ -173,7 +175,7 @@ def test_scan_fd_reads_exactly_the_given_length(tmp_path):
         assert view_of(index) == reference_rows(data)
         assert index.length == len(data)
         chunks = list(_kernels.dump(fd, index.data(7), index.end(7)))
-        assert b"".join(chunks) == ref.render(data[index.data(7):index.end(7)])
+        assert b"".join(chunks) == ref.render(data[index.data(7) : index.end(7)])
     finally:
         os.close(fd)
 
@@ -201,6 +203,7 @@ def test_index_costs_under_64_bytes_a_message():
 
 def test_hundreds_of_mail_shaped_spools_agree_with_the_reference():
     from mbox_helpers import random_mailbox
+
     rng = seeded(11)
     for n in range(300):
         data = random_mailbox(rng)
@@ -209,13 +212,14 @@ def test_hundreds_of_mail_shaped_spools_agree_with_the_reference():
         uids = list(index.uids)
         assert len(set(uids)) == len(uids)
         for i, m in enumerate(ref.parse(data)):
-            content = data[m.data:m.end]
+            content = data[m.data : m.end]
             wire = retr(data, index, i, piece=rng.choice([1000, 65536]))
             assert wire == ref.render(content)
             lines = rng.randint(0, 4)
             assert retr(data, index, i, body_lines=lines) == ref.render(content, lines)
-            unstuffed = sum(len(line[1:] if line.startswith(b".") else line) + 2
-                            for line in wire[:-3].split(b"\r\n")[:-1])
+            unstuffed = sum(
+                len(line[1:] if line.startswith(b".") else line) + 2 for line in wire[:-3].split(b"\r\n")[:-1]
+            )
             assert unstuffed == index.size(i)
 
 
@@ -224,6 +228,7 @@ def test_a_scan_in_a_worker_thread_lets_other_threads_run(tmp_path):
     # stall the event loop's thread for its whole duration
     import threading
     import time
+
     path = tmp_path / "spool"
     path.write_bytes(spool_of(3000, body_lines=300) * 10)  # ~220 MB: a scan takes tens of ms
     fd = os.open(path, os.O_RDONLY)
@@ -260,4 +265,4 @@ def test_any_spool_of_awkward_pieces_matches_the_reference(pieces, cut, lines):
     index = index_of(data, [cut] * (len(data) // cut))
     assert view_of(index) == reference_rows(data)
     for i, m in enumerate(ref.parse(data)):
-        assert retr(data, index, i, lines, piece=cut) == ref.render(data[m.data:m.end], lines)
+        assert retr(data, index, i, lines, piece=cut) == ref.render(data[m.data : m.end], lines)

@@ -16,8 +16,8 @@ import time
 import pytest
 from mbox_helpers import MODULE_PATH, TREE, message, reference_view, spool_of, storage
 
-from mpop3.mbox import commit as mbox_commit
 from mpop3.errors import MailboxInUse, StoragePermError, StorageTempError
+from mpop3.mbox import commit as mbox_commit
 
 
 @pytest.fixture
@@ -80,8 +80,7 @@ def test_a_spool_that_is_not_a_regular_file_is_refused_never_followed(mod, spool
     target = tmp_path / "elsewhere"
     target.write_bytes(spool_of(2))
     path = spool_dir / "bob"
-    {"symlink": lambda: path.symlink_to(target), "directory": path.mkdir,
-     "fifo": lambda: os.mkfifo(path)}[kind]()
+    {"symlink": lambda: path.symlink_to(target), "directory": path.mkdir, "fifo": lambda: os.mkfifo(path)}[kind]()
     with pytest.raises(StoragePermError):
         mod.storage_lock_mailbox("bob")
     assert target.read_bytes() == spool_of(2)
@@ -126,8 +125,12 @@ HOLDER = textwrap.dedent("""
 
 def test_a_second_session_in_another_process_is_in_use_until_it_ends(mod, spool_dir):
     (spool_dir / "bob").write_bytes(spool_of(3))
-    child = subprocess.Popen([sys.executable, "-c", HOLDER.format(tree=TREE, spool=str(spool_dir))],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER.format(tree=TREE, spool=str(spool_dir))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline() == "locked\n"
         with pytest.raises(MailboxInUse):
@@ -153,8 +156,7 @@ def test_commit_keeps_inode_owner_mode_and_kept_bytes(mod, spool_dir, steps):
     before = os.stat(path)
     commit(mod, "bob", [0, 4])
     after = os.stat(path)
-    assert (after.st_ino, after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (
-        before.st_ino, 4321, 4322, 0o620)
+    assert (after.st_ino, after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode)) == (before.st_ino, 4321, 4322, 0o620)
     assert path.read_bytes() == b"".join(message(n) for n in range(10) if n not in (0, 4))
     assert "journal-durable" in steps
     assert sorted(os.listdir(spool_dir)) == ["bob"]  # no journal, marker or lock left
@@ -228,7 +230,7 @@ def test_an_external_modification_ends_the_session_and_deletes_nothing(mod, spoo
         with open(path, "r+b") as f:
             f.write(changed)
     elif change == "truncate":
-        changed = data[:len(data) // 2]
+        changed = data[: len(data) // 2]
         with open(path, "r+b") as f:
             f.truncate(len(changed))
     else:  # a new file renamed over the spool
@@ -258,14 +260,24 @@ def crash_at(step_name, nth=1):
         seen.append(step)
         if seen.count(step_name) == nth:
             raise Crash(step)
+
     return hook
 
 
-@pytest.mark.parametrize("step, nth, outcome", [
-    ("journal-open", 1, "old"), ("copy", 1, "old"), ("journal-fsync", 1, "old"),
-    ("journal-rename", 1, "old"), ("journal-durable", 1, "new"), ("copy", 2, "new"),
-    ("spool-truncate", 1, "new"), ("spool-fsync", 1, "new"), ("journal-unlink", 1, "new"),
-])
+@pytest.mark.parametrize(
+    "step, nth, outcome",
+    [
+        ("journal-open", 1, "old"),
+        ("copy", 1, "old"),
+        ("journal-fsync", 1, "old"),
+        ("journal-rename", 1, "old"),
+        ("journal-durable", 1, "new"),
+        ("copy", 2, "new"),
+        ("spool-truncate", 1, "new"),
+        ("spool-fsync", 1, "new"),
+        ("journal-unlink", 1, "new"),
+    ],
+)
 def test_an_interrupted_commit_leaves_the_old_or_the_new_mailbox(mod, spool_dir, step, nth, outcome):
     path = spool_dir / "bob"
     old = spool_of(30)
@@ -287,11 +299,15 @@ def test_an_interrupted_commit_leaves_the_old_or_the_new_mailbox(mod, spool_dir,
     assert sorted(os.listdir(spool_dir)) == ["bob"]
 
 
-@pytest.mark.parametrize("step, nth, outcome", [
-    ("journal-fsync", 1, "old"),
-    ("copy", 3, "new"),  # two copies fill the journal; the third writes the spool
-    ("spool-truncate", 1, "new"), ("journal-unlink", 1, "new"),
-])
+@pytest.mark.parametrize(
+    "step, nth, outcome",
+    [
+        ("journal-fsync", 1, "old"),
+        ("copy", 3, "new"),  # two copies fill the journal; the third writes the spool
+        ("spool-truncate", 1, "new"),
+        ("journal-unlink", 1, "new"),
+    ],
+)
 def test_mail_delivered_between_a_crash_and_the_replay_is_kept(mod, spool_dir, step, nth, outcome):
     path = spool_dir / "bob"
     path.write_bytes(spool_of(10))
@@ -335,6 +351,7 @@ def test_a_stale_dot_lock_is_broken(spool_dir):
 
 def test_a_dot_lock_left_by_a_dead_process_of_this_host_is_broken(mod, spool_dir):
     import socket
+
     (spool_dir / "bob").write_bytes(spool_of(2))
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (spool_dir / "bob.lock").write_text(f"{child.stdout.strip()}@{socket.gethostname()}\n")
@@ -345,13 +362,22 @@ def test_a_dot_lock_left_by_a_dead_process_of_this_host_is_broken(mod, spool_dir
 def test_an_fcntl_lock_of_another_process_makes_the_open_wait_then_fail(mod, spool_dir):
     path = spool_dir / "bob"
     path.write_bytes(spool_of(2))
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import fcntl, os, sys
         fd = os.open({str(path)!r}, os.O_RDWR)
         fcntl.lockf(fd, fcntl.LOCK_EX)
         print("locked", flush=True)
         sys.stdin.readline()
-    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(StorageTempError):
@@ -400,9 +426,16 @@ def test_permission_denied_is_an_error_and_the_spool_is_unchanged():
 
 def test_the_module_declares_its_settings():
     from mpop3.loader import import_module_file
+
     module = import_module_file(MODULE_PATH, "tests")
-    assert set(module.MPOP3_SETTINGS) == {"storage_dir", "mbox_locks", "mbox_lock_timeout",
-                                          "mbox_dotlock_stale", "mbox_state_dir", "mailbox_user"}
+    assert set(module.MPOP3_SETTINGS) == {
+        "storage_dir",
+        "mbox_locks",
+        "mbox_lock_timeout",
+        "mbox_dotlock_stale",
+        "mbox_state_dir",
+        "mailbox_user",
+    }
     with pytest.raises(ValueError):
         module.module_init({"mbox_locks": "flock"})
 
@@ -414,7 +447,7 @@ def test_a_message_that_no_longer_starts_where_it_did_is_not_sent_or_deleted(mod
     path.write_bytes(data)
     box = mod.storage_lock_mailbox("bob")
     start = len(spool_of(2))
-    changed = data[:start] + b"X" + data[start + 1:]
+    changed = data[:start] + b"X" + data[start + 1 :]
     with open(path, "r+b") as f:
         f.write(changed)
     assert b"".join(mod.storage_dump_fragment(box, 0, None)).startswith(b"Subject: message 0")
@@ -437,12 +470,14 @@ def failing_at(step_name, error):
     def hook(step):
         if step == step_name:
             raise OSError(error, os.strerror(error))
+
     return hook
 
 
 @pytest.mark.parametrize("step", ["journal-open", "copy", "journal-fsync", "journal-rename"])
 def test_an_io_error_before_the_commit_point_leaves_the_spool_as_it_was(mod, spool_dir, step, caplog):
     import errno
+
     path = spool_dir / "bob"
     path.write_bytes(spool_of(10))
     box = mod.storage_lock_mailbox("bob")
@@ -460,6 +495,7 @@ def test_an_io_error_before_the_commit_point_leaves_the_spool_as_it_was(mod, spo
 
 def test_an_io_error_after_the_commit_point_is_repaired_by_the_next_open(mod, spool_dir):
     import errno
+
     path = spool_dir / "bob"
     path.write_bytes(spool_of(10))
     box = mod.storage_lock_mailbox("bob")
@@ -508,6 +544,7 @@ def test_we_remove_only_our_own_dot_lock(spool_dir):
     # if our lock was judged stale and another program's lock replaced it,
     # releasing ours must not remove theirs
     from mpop3.mbox.lock import spool_locks
+
     spool = spool_dir / "bob"
     spool.write_bytes(spool_of(1))
     with spool_locks(str(spool), None, ("dotlock",), True, 1, 1024):

@@ -21,6 +21,8 @@ from process_limits import wait_for
 
 from mpop3.protocol import replies
 
+pytestmark = [pytest.mark.root, pytest.mark.slow]  # a process per session needs root; servers in subprocesses
+
 MODELS = {
     "shared": {"processes": "1"},
     "prefork": {"processes": "2"},
@@ -72,15 +74,21 @@ def test_login_delay_holds_in_stdin_mode(tmp_path):
     conf = site(tmp_path, "stdin", {"login_delay": "60", "state_dir": str(state)})
 
     def session():
-        return subprocess.run([sys.executable, "-m", "mpop3", "-c", conf, "-s"], input=b"USER bob\nPASS pw\nQUIT\n",
-                              capture_output=True, cwd=TREE, timeout=30)
+        return subprocess.run(
+            [sys.executable, "-m", "mpop3", "-c", conf, "-s"],
+            input=b"USER bob\nPASS pw\nQUIT\n",
+            capture_output=True,
+            cwd=TREE,
+            timeout=30,
+        )
 
     assert b"+OK maildrop" in session().stdout
     assert replies.ERR_LOGIN_DELAY.wire in session().stdout
     assert len(os.listdir(state)) == 1 and "bob" not in os.listdir(state)[0]  # a hash, not the name
     missing = site(tmp_path, "stdin", {"login_delay": "60", "state_dir": str(tmp_path / "nowhere")})
-    result = subprocess.run([sys.executable, "-m", "mpop3", "-c", missing, "-s"], input=b"QUIT\n",
-                            capture_output=True, cwd=TREE, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "mpop3", "-c", missing, "-s"], input=b"QUIT\n", capture_output=True, cwd=TREE, timeout=30
+    )
     assert result.returncode == 1 and b"login_delay needs state_dir" in result.stderr
 
 

@@ -8,9 +8,13 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import TREE, run_mpop3
-from mpop3 import config, loader
 from test_config import assert_one_line_error, write_conf
+
+from mpop3 import config, loader
+
+pytestmark = pytest.mark.slow  # modules built with make, the mpop3 command
 
 
 def load(text):
@@ -19,9 +23,7 @@ def load(text):
 
 def test_first_module_defining_a_function_wins(test_modules):
     tables = load(
-        f"auth_module {test_modules['first_auth']}\n"
-        "> greeting hello\n"
-        f"auth_module {test_modules['second_auth']}\n"
+        f"auth_module {test_modules['first_auth']}\n> greeting hello\nauth_module {test_modules['second_auth']}\n"
     )
     auth = tables.auth
     # both define auth_password: the first one's is used (the C loader used the last)
@@ -64,15 +66,20 @@ def test_out_of_tree_module_overrides_one_function_before_auth_file(installed, t
     the defaults."""
     passwd = tmp_path / "passwd"
     passwd.write_text("alice:wonderland:alicebox\n")
-    conf = write_conf(tmp_path, f"auth_module {test_modules['override_delay']}\n"
-                                f"auth_module auth_file\n> passwd_file {passwd}\n")
+    conf = write_conf(
+        tmp_path, f"auth_module {test_modules['override_delay']}\nauth_module auth_file\n> passwd_file {passwd}\n"
+    )
     result = run_mpop3("--check-config", "-c", conf, executable=f"{installed}/bin/mpop3")
     assert result.returncode == 0, result.stderr
     table = dict(re.findall(r"^  (auth_\w+)\s+(\S+)$", result.stdout, re.M))
     assert table == {
-        "auth_attempt_login": "auth_file", "auth_timestamp": "default", "auth_password": "auth_file",
-        "auth_login": "auth_file", "auth_login_delay_needed": "override_delay",
-        "auth_default_login_delay": "default", "auth_need_root": "default",
+        "auth_attempt_login": "auth_file",
+        "auth_timestamp": "default",
+        "auth_password": "auth_file",
+        "auth_login": "auth_file",
+        "auth_login_delay_needed": "override_delay",
+        "auth_default_login_delay": "default",
+        "auth_need_root": "default",
     }
     # and in use: the override answers, auth_file still checks passwords
     tables = load(f"auth_module {test_modules['override_delay']}\nauth_module auth_file\n> passwd_file {passwd}\n")
@@ -89,14 +96,20 @@ def test_module_mk_makefile_is_two_lines(test_modules):
 
 def test_abi_mismatch_is_refused(tmp_path, test_modules):
     path = write_conf(tmp_path, f"# x\nauth_module {test_modules['wrong_abi']}\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:2",
-                          r"wrong_abi\.so: built for module ABI 99, this mpop3 speaks ABI 1; rebuild it")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", path),
+        f"{path}:2",
+        r"wrong_abi\.so: built for module ABI 99, this mpop3 speaks ABI 1; rebuild it",
+    )
 
 
 def test_failing_init_is_refused(tmp_path, test_modules):
     path = write_conf(tmp_path, f"storage_module {test_modules['failing_init']}\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
-                          r"failing_init\.so: init failed: setting 'needed' is required")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", path),
+        f"{path}:1",
+        r"failing_init\.so: init failed: setting 'needed' is required",
+    )
     # with the setting it loads
     path = write_conf(tmp_path, f"storage_module {test_modules['failing_init']}\n> needed yes\n")
     assert run_mpop3("--check-config", "-c", path).returncode == 0
@@ -104,22 +117,25 @@ def test_failing_init_is_refused(tmp_path, test_modules):
 
 def test_extension_without_declarations_is_not_a_module(tmp_path, test_modules):
     path = write_conf(tmp_path, f"auth_module {test_modules['not_a_module']}\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
-                          r"not_a_module\.so: not an mpop3 module \(no MPOP3_MODULE_CLASS")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", path),
+        f"{path}:1",
+        r"not_a_module\.so: not an mpop3 module \(no MPOP3_MODULE_CLASS",
+    )
 
 
 def test_garbage_file_is_not_a_module(tmp_path):
     garbage = tmp_path / "garbage.so"
     garbage.write_text("this is not a shared object\n")
     path = write_conf(tmp_path, f"auth_module {garbage}\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
-                          r"garbage\.so: not an mpop3 module \(cannot load it")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", path), f"{path}:1", r"garbage\.so: not an mpop3 module \(cannot load it"
+    )
 
 
 def test_module_of_the_wrong_class_by_path(tmp_path, test_modules):
     path = write_conf(tmp_path, f"auth_module {test_modules['failing_init']}\n> needed 1\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
-                          r"is a 'storage' module, not 'auth'")
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1", r"is a 'storage' module, not 'auth'")
 
 
 def test_module_dir_is_where_bare_names_are_found(tmp_path, test_modules):
@@ -127,8 +143,9 @@ def test_module_dir_is_where_bare_names_are_found(tmp_path, test_modules):
     tables = load(f"module_dir {moddir}\nauth_module second_auth\n")
     assert tables.auth.auth_need_root() is True
     path = write_conf(tmp_path, f"module_dir {tmp_path}\nauth_module auth_file\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:2",
-                          rf"module {tmp_path}/auth_file\.so: no such file")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", path), f"{path}:2", rf"module {tmp_path}/auth_file\.so: no such file"
+    )
 
 
 def test_root_loads_modules_only_from_root_owned_unwritable_places(tmp_path, test_modules):
@@ -143,16 +160,21 @@ def test_root_loads_modules_only_from_root_owned_unwritable_places(tmp_path, tes
     conf = write_conf(tmp_path, f"auth_module {module}\n")
     assert run_mpop3("--check-config", "-c", conf).returncode == 0
     module.chmod(0o666)
-    assert_one_line_error(run_mpop3("--check-config", "-c", conf), f"{conf}:1",
-                          r"refusing to load it as root: it is writable by group or others")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", conf),
+        f"{conf}:1",
+        r"refusing to load it as root: it is writable by group or others",
+    )
     module.chmod(0o755)
     loose.chmod(0o777)
-    assert_one_line_error(run_mpop3("--check-config", "-c", conf), f"{conf}:1",
-                          rf"directory {loose} is writable by group or others")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", conf), f"{conf}:1", rf"directory {loose} is writable by group or others"
+    )
     loose.chmod(0o755)
     os.chown(loose, 65534, 65534)
-    assert_one_line_error(run_mpop3("--check-config", "-c", conf), f"{conf}:1",
-                          rf"directory {loose} is owned by uid 65534, not root")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", conf), f"{conf}:1", rf"directory {loose} is owned by uid 65534, not root"
+    )
 
 
 def test_functions_no_table_has_are_named_at_load_and_by_check_config(tmp_path, test_modules, caplog):
@@ -189,16 +211,22 @@ def test_a_module_built_for_another_python_is_reported_as_such(tmp_path):
     module = build_c_module(tmp_path, record)
     ours = f"{sys.version_info.major}.{sys.version_info.minor}"
     path = write_conf(tmp_path, f"auth_module {module}\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
-                          rf"other_python\.so: built for Python 3\.99, but this mpop3 runs Python {ours}: "
-                          r"rebuild it with this mpop3's module\.mk \(cannot load it: .*undefined symbol")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", path),
+        f"{path}:1",
+        rf"other_python\.so: built for Python 3\.99, but this mpop3 runs Python {ours}: "
+        r"rebuild it with this mpop3's module\.mk \(cannot load it: .*undefined symbol",
+    )
 
 
 def test_a_module_without_the_record_that_misses_python_symbols_is_probably_for_another_python(tmp_path):
     module = build_c_module(tmp_path, "")
     path = write_conf(tmp_path, f"auth_module {module}\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1",
-                          r"other_python\.so: built for another Python than this mpop3's 3\.\d+, it seems")
+    assert_one_line_error(
+        run_mpop3("--check-config", "-c", path),
+        f"{path}:1",
+        r"other_python\.so: built for another Python than this mpop3's 3\.\d+, it seems",
+    )
 
 
 def test_modules_record_the_python_they_were_built_for(test_modules):

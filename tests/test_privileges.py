@@ -12,10 +12,11 @@ import sys
 import time
 
 import pytest
-
-from pop_server import SAFE_USER, Spawned, Wire, mbox, served_as_safe_user, write_site
+from pop_server import SAFE_USER, Spawned, Wire, mbox, write_site
 from process_limits import children, process_limit, wait_for
 from system_users import system_user
+
+pytestmark = pytest.mark.root  # switching users needs root
 
 MAIL_GID = grp.getgrnam("mail").gr_gid
 NOBODY = pwd.getpwnam(SAFE_USER)
@@ -88,8 +89,7 @@ def test_rule1_virtual_user_is_served_as_safe_user_or_mail_owner(tmp_path):
     assert (spool.stat().st_ino, spool.stat().st_uid) == (inode, NOBODY.pw_uid)
     # with a mail owner of their own
     with system_user("mpop3t-vmail") as vmail:
-        conf = write_site(tmp_path / "owned", {"vera": "pw"}, {"vera": SPOOL},
-                          extra={"mail_owner": "mpop3t-vmail"})
+        conf = write_site(tmp_path / "owned", {"vera": "pw"}, {"vera": SPOOL}, extra={"mail_owner": "mpop3t-vmail"})
         for path in (tmp_path / "owned" / "spool", tmp_path / "owned" / "spool" / "vera"):
             own(path, vmail)
         with Spawned(conf) as server:
@@ -130,7 +130,7 @@ def test_a_lying_session_process_cannot_hurt_the_listener(tmp_path, test_modules
     with Spawned(conf) as server:
         for lie in range(3):
             w = Wire(server.port)
-            w.cmd("USER liar-%d" % lie)
+            w.cmd(f"USER liar-{lie}")
             assert w.cmd("PASS x").startswith(b"-ERR [AUTH]")  # its own copy of the delays decided
             assert server.proc.poll() is None
             w.login("vera", "pw")  # the session itself goes on
@@ -153,7 +153,7 @@ def test_a_session_process_cannot_lie_about_logins_either(tmp_path, test_modules
     with Spawned(conf) as server:
         for lie in (3, 4):
             w = Wire(server.port)
-            w.cmd("USER liar-%d" % lie)
+            w.cmd(f"USER liar-{lie}")
             assert w.cmd("PASS x").startswith(b"-ERR [AUTH]")
         w = Wire(server.port)
         w.login("vera", "pw")  # the listener goes on serving
@@ -206,8 +206,12 @@ def test_rule2_auth_needing_root_switches_to_safe_user_after_login(tmp_path):
 
 
 def test_rule3_after_bind_the_whole_server_is_safe_user(tmp_path):
-    conf = write_site(tmp_path, {"vera": "pw", "walt": "pw"}, {"vera": SPOOL, "walt": SPOOL},
-                      extra={"processes": "2", "max_sessions": "2"})
+    conf = write_site(
+        tmp_path,
+        {"vera": "pw", "walt": "pw"},
+        {"vera": SPOOL, "walt": SPOOL},
+        extra={"processes": "2", "max_sessions": "2"},
+    )
     with open(conf, "a") as f:
         f.write("> mailbox_user any\n")
     with Spawned(conf) as server:
@@ -239,8 +243,9 @@ def test_rule4_stdin_mode_switches_at_once(tmp_path):
     with open(conf, "a") as f:
         f.write("> mailbox_user any\n")
     ours, theirs = socket.socketpair()
-    proc = subprocess.Popen([sys.executable, "-m", "mpop3", "-s", "-c", conf], stdin=theirs, stdout=theirs,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpop3", "-s", "-c", conf], stdin=theirs, stdout=theirs, stderr=subprocess.PIPE
+    )
     theirs.close()
     w = Wire.__new__(Wire)
     w.sock, w.buf = ours, b""
@@ -268,8 +273,12 @@ def test_killing_a_session_process_spares_the_rest(tmp_path):
 
 
 def test_session_limits_and_login_delays_hold_across_session_processes(tmp_path):
-    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL},
-                      extra={"max_sessions": "2", "login_fail_delay": "0.3", "login_fail_delay_max": "2"})
+    conf = write_site(
+        tmp_path,
+        {"vera": "pw"},
+        {"vera": SPOOL},
+        extra={"max_sessions": "2", "login_fail_delay": "0.3", "login_fail_delay_max": "2"},
+    )
     with Spawned(conf) as server:
         # let the sessions of Spawned's probe and of this one end: accepted
         # in order, so once this one greets, the probe's has been forked

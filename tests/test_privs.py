@@ -14,13 +14,16 @@ from mpop3.server import privs
 from mpop3.storage_functions import WU_ANY, WU_DEFAULT, WU_MAILBOX
 
 
-@pytest.mark.parametrize("need_user, need_root, stdin_mode, when, to_mailbox", [
-    (WU_MAILBOX, False, False, privs.AFTER_AUTH, True),    # rule 1, wuMailbox
-    (WU_DEFAULT, True, True, privs.AFTER_AUTH, False),     # rule 1, wuDefault
-    (WU_ANY, True, False, privs.AFTER_AUTH, False),        # rule 2
-    (WU_ANY, False, False, privs.AFTER_BIND, False),       # rule 3
-    (WU_ANY, False, True, privs.AT_ONCE, False),           # rule 4
-])
+@pytest.mark.parametrize(
+    "need_user, need_root, stdin_mode, when, to_mailbox",
+    [
+        (WU_MAILBOX, False, False, privs.AFTER_AUTH, True),  # rule 1, wuMailbox
+        (WU_DEFAULT, True, True, privs.AFTER_AUTH, False),  # rule 1, wuDefault
+        (WU_ANY, True, False, privs.AFTER_AUTH, False),  # rule 2
+        (WU_ANY, False, False, privs.AFTER_BIND, False),  # rule 3
+        (WU_ANY, False, True, privs.AT_ONCE, False),  # rule 4
+    ],
+)
 def test_the_four_rules(need_user, need_root, stdin_mode, when, to_mailbox):
     p = privs.plan(need_user, need_root, stdin_mode)
     assert (p.when, p.to_mailbox_user) == (when, to_mailbox)
@@ -47,18 +50,25 @@ SWITCH_AND_REPORT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.root
 def test_switch_sets_uid_gid_groups_for_good():
     nobody = pwd.getpwnam("nobody")
     mail = grp.getgrnam("mail").gr_gid
-    out = subprocess.run([sys.executable, "-c", SWITCH_AND_REPORT, "nobody", "mail"],
-                         capture_output=True, text=True, check=True, timeout=30).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", SWITCH_AND_REPORT, "nobody", "mail"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
     report = json.loads(out)
-    assert report["Uid"] == [str(nobody.pw_uid)] * 4   # real, effective, saved, filesystem
+    assert report["Uid"] == [str(nobody.pw_uid)] * 4  # real, effective, saved, filesystem
     assert report["Gid"] == [str(nobody.pw_gid)] * 4
-    assert report["Groups"] == [str(mail)]             # only mail_group is kept
+    assert report["Groups"] == [str(mail)]  # only mail_group is kept
     assert report["regained"] is False
 
 
+@pytest.mark.root
 def test_switch_to_root_is_refused():
     with pytest.raises(privs.PrivilegeError):
         privs.switch_to(privs.Identity("root", 0, 0, ()))

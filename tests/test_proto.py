@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpop3.protocol import _parser as _proto
-from mpop3.protocol.commands import COMMANDS, Args
 from mpop3.protocol import parser_reference as proto_reference
+from mpop3.protocol.commands import COMMANDS, Args
 
 IMPLS = pytest.mark.parametrize("proto", [_proto, proto_reference], ids=["c", "py"])
 
@@ -79,8 +79,28 @@ def test_parse_command(proto, line, expected):
 
 
 def test_command_ids_agree():
-    for name in ("USER", "PASS", "APOP", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "QUIT",
-                 "TOP", "UIDL", "CAPA", "STLS", "AUTH", "UNKNOWN", "BAD_ARGS", "TOO_LONG", "MAX_MSG_NUMBER", "TOP_ALL"):
+    for name in (
+        "USER",
+        "PASS",
+        "APOP",
+        "STAT",
+        "LIST",
+        "RETR",
+        "DELE",
+        "NOOP",
+        "RSET",
+        "QUIT",
+        "TOP",
+        "UIDL",
+        "CAPA",
+        "STLS",
+        "AUTH",
+        "UNKNOWN",
+        "BAD_ARGS",
+        "TOO_LONG",
+        "MAX_MSG_NUMBER",
+        "TOP_ALL",
+    ):
         assert getattr(_proto, name) == getattr(proto_reference, name), name
     assert _proto.NAMES == proto_reference.NAMES
 
@@ -118,12 +138,49 @@ def test_line_reader_bounds_what_it_holds(proto):
     assert reader.feed(b"more\nQUIT\n") == [b"QUIT"]  # the rest of the long line is dropped
 
 
-lines = st.lists(st.one_of(
-    st.sampled_from([b"USER", b"PASS", b"APOP", b"STAT", b"LIST", b"RETR", b"DELE", b"NOOP",
-                     b"RSET", b"QUIT", b"TOP", b"UIDL", b"CAPA", b"list", b"tOp"]),
-    st.sampled_from([b" ", b"  ", b"0", b"1", b"-1", b"4294967297", b"99999999999", b"\0", b"a",
-                     b"\t", b"\r", b"\xff", b"2147483647", b"2147483648"]),
-    st.binary(max_size=6)), max_size=8).map(b"".join)
+lines = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                b"USER",
+                b"PASS",
+                b"APOP",
+                b"STAT",
+                b"LIST",
+                b"RETR",
+                b"DELE",
+                b"NOOP",
+                b"RSET",
+                b"QUIT",
+                b"TOP",
+                b"UIDL",
+                b"CAPA",
+                b"list",
+                b"tOp",
+            ]
+        ),
+        st.sampled_from(
+            [
+                b" ",
+                b"  ",
+                b"0",
+                b"1",
+                b"-1",
+                b"4294967297",
+                b"99999999999",
+                b"\0",
+                b"a",
+                b"\t",
+                b"\r",
+                b"\xff",
+                b"2147483647",
+                b"2147483648",
+            ]
+        ),
+        st.binary(max_size=6),
+    ),
+    max_size=8,
+).map(b"".join)
 
 
 @settings(max_examples=3000, deadline=None)
@@ -133,8 +190,7 @@ def test_parse_command_matches_reference(line):
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=300).filter(lambda b: True), st.lists(st.integers(0, 300), max_size=6),
-       st.integers(3, 64))
+@given(st.binary(max_size=300).filter(lambda b: True), st.lists(st.integers(0, 300), max_size=6), st.integers(3, 64))
 def test_line_reader_matches_reference(data, cuts, max_line):
     c, py = _proto.LineReader(max_line), proto_reference.LineReader(max_line)
     points = sorted({min(x, len(data)) for x in cuts})
@@ -147,9 +203,16 @@ def test_line_reader_matches_reference(data, cuts, max_line):
 
 
 # What each argument shape accepts, and a line it refuses.
-SHAPES = {Args.NONE: (b"", b" x"), Args.WORD: (b" w", b""), Args.REST: (b" a b ", b""),
-          Args.WORD_WORD: (b" a b", b" a"), Args.WORD_OPT_WORD: (b" a", b" a b c"), Args.NUM: (b" 1", b" x"),
-          Args.OPT_NUM: (b"", b" x"), Args.NUM_COUNT: (b" 1 2", b" 1")}
+SHAPES = {
+    Args.NONE: (b"", b" x"),
+    Args.WORD: (b" w", b""),
+    Args.REST: (b" a b ", b""),
+    Args.WORD_WORD: (b" a b", b" a"),
+    Args.WORD_OPT_WORD: (b" a", b" a b c"),
+    Args.NUM: (b" 1", b" x"),
+    Args.OPT_NUM: (b"", b" x"),
+    Args.NUM_COUNT: (b" 1 2", b" 1"),
+}
 
 
 def test_every_argument_shape_is_known_to_the_parsers():

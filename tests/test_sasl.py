@@ -1,6 +1,7 @@
 """The SASL exchanges (RFC 5034) as the session drives them."""
 
 import base64
+
 import pytest
 
 from mpop3.protocol import sasl
@@ -21,11 +22,14 @@ def test_plain_without_initial_response():
     assert ex.step(b64(b"alice\0alice\0pw")) == sasl.Credentials("alice", password="pw")
 
 
-@pytest.mark.parametrize("payload, why", [
-    (b"alice\0secret", "PLAIN expects"),
-    (b"\0\0secret", "needs a user name"),
-    (b"bob\0alice\0secret", "another user"),
-])
+@pytest.mark.parametrize(
+    "payload, why",
+    [
+        (b"alice\0secret", "PLAIN expects"),
+        (b"\0\0secret", "needs a user name"),
+        (b"bob\0alice\0secret", "another user"),
+    ],
+)
 def test_plain_refusals(payload, why):
     result = sasl.Exchange("PLAIN").start(b64(payload))
     assert isinstance(result, sasl.Failure) and why in result.text

@@ -65,8 +65,7 @@ def test_greeting_has_a_unique_apop_timestamp(server):
 
 
 def test_capa_lists_exactly_what_works_before_and_after_login(server):
-    expected = [b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING",
-                b"SASL PLAIN LOGIN CRAM-MD5"]
+    expected = [b"TOP", b"UIDL", b"USER", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING", b"SASL PLAIN LOGIN CRAM-MD5"]
     w = wire(server)
     assert w.cmd("CAPA") == b"+OK capability list follows"
     assert w.multi() == expected
@@ -87,14 +86,25 @@ def test_capa_announces_configured_extras(tables):
 # --- every command in every state ---------------------------------------------------------
 
 AUTH_STATE = {
-    "STAT": replies.ERR_NOT_NOW, "LIST": replies.ERR_NOT_NOW, "LIST 1": replies.ERR_NOT_NOW,
-    "RETR 1": replies.ERR_NOT_NOW, "DELE 1": replies.ERR_NOT_NOW, "NOOP": replies.ERR_NOT_NOW,
-    "RSET": replies.ERR_NOT_NOW, "TOP 1 0": replies.ERR_NOT_NOW, "UIDL": replies.ERR_NOT_NOW,
-    "UIDL 1": replies.ERR_NOT_NOW, "PASS secret": replies.ERR_PASS_FIRST,
-    "FOO": replies.ERR_UNKNOWN, "STLS": replies.ERR_NO_TLS, "AUTH X-NONE": replies.ERR_NO_MECHANISM,
+    "STAT": replies.ERR_NOT_NOW,
+    "LIST": replies.ERR_NOT_NOW,
+    "LIST 1": replies.ERR_NOT_NOW,
+    "RETR 1": replies.ERR_NOT_NOW,
+    "DELE 1": replies.ERR_NOT_NOW,
+    "NOOP": replies.ERR_NOT_NOW,
+    "RSET": replies.ERR_NOT_NOW,
+    "TOP 1 0": replies.ERR_NOT_NOW,
+    "UIDL": replies.ERR_NOT_NOW,
+    "UIDL 1": replies.ERR_NOT_NOW,
+    "PASS secret": replies.ERR_PASS_FIRST,
+    "FOO": replies.ERR_UNKNOWN,
+    "STLS": replies.ERR_NO_TLS,
+    "AUTH X-NONE": replies.ERR_NO_MECHANISM,
     "AUTH": replies.ERR_USAGE["AUTH"],
-    "RETR abc": replies.ERR_USAGE["RETR"], "USER": replies.ERR_USAGE["USER"],
-    "USER nobody": replies.OK_USER, "USER bob": replies.OK_USER,
+    "RETR abc": replies.ERR_USAGE["RETR"],
+    "USER": replies.ERR_USAGE["USER"],
+    "USER nobody": replies.OK_USER,
+    "USER bob": replies.OK_USER,
 }
 
 
@@ -107,21 +117,32 @@ def test_authorization_state(server, command):
 
 
 TRANSACTION_STATE = {
-    "USER bob": replies.ERR_NOT_NOW.wire, "PASS secret": replies.ERR_NOT_NOW.wire,
+    "USER bob": replies.ERR_NOT_NOW.wire,
+    "PASS secret": replies.ERR_NOT_NOW.wire,
     "APOP bob 0123456789abcdef0123456789abcdef": replies.ERR_NOT_NOW.wire,
-    "STLS": replies.ERR_NOT_NOW.wire, "AUTH PLAIN": replies.ERR_NOT_NOW.wire,
+    "STLS": replies.ERR_NOT_NOW.wire,
+    "AUTH PLAIN": replies.ERR_NOT_NOW.wire,
     "STAT": b"+OK 3 %d\r\n" % sum(crlf_size(m) for m in MESSAGES),
-    "LIST 0": replies.ERR_NO_SUCH_MESSAGE.wire, "LIST 4": replies.ERR_NO_SUCH_MESSAGE.wire,
+    "LIST 0": replies.ERR_NO_SUCH_MESSAGE.wire,
+    "LIST 4": replies.ERR_NO_SUCH_MESSAGE.wire,
     "LIST 2": b"+OK 2 %d\r\n" % crlf_size(MESSAGES[1]),
-    "LIST 4294967297": replies.ERR_USAGE["LIST"].wire, "LIST 1 2": replies.ERR_USAGE["LIST"].wire,
-    "RETR 99999": replies.ERR_NO_SUCH_MESSAGE.wire, "RETR abc": replies.ERR_USAGE["RETR"].wire,
-    "RETR 0": replies.ERR_NO_SUCH_MESSAGE.wire, "RETR": replies.ERR_USAGE["RETR"].wire,
-    "TOP 1 -1": replies.ERR_USAGE["TOP"].wire, "TOP 1": replies.ERR_USAGE["TOP"].wire,
-    "TOP 9 1": replies.ERR_NO_SUCH_MESSAGE.wire, "DELE 0": replies.ERR_NO_SUCH_MESSAGE.wire,
-    "DELE x": replies.ERR_USAGE["DELE"].wire, "UIDL 3": b"+OK 3 uid-bob-2\r\n",
-    "UIDL 7": replies.ERR_NO_SUCH_MESSAGE.wire, "NOOP": replies.OK_NOOP.wire,
-    "NOOP 1": replies.ERR_USAGE["NOOP"].wire, "RSET": b"+OK maildrop has 3 messages (%d octets)\r\n"
-    % sum(crlf_size(m) for m in MESSAGES), "XYZZY": replies.ERR_UNKNOWN.wire,
+    "LIST 4294967297": replies.ERR_USAGE["LIST"].wire,
+    "LIST 1 2": replies.ERR_USAGE["LIST"].wire,
+    "RETR 99999": replies.ERR_NO_SUCH_MESSAGE.wire,
+    "RETR abc": replies.ERR_USAGE["RETR"].wire,
+    "RETR 0": replies.ERR_NO_SUCH_MESSAGE.wire,
+    "RETR": replies.ERR_USAGE["RETR"].wire,
+    "TOP 1 -1": replies.ERR_USAGE["TOP"].wire,
+    "TOP 1": replies.ERR_USAGE["TOP"].wire,
+    "TOP 9 1": replies.ERR_NO_SUCH_MESSAGE.wire,
+    "DELE 0": replies.ERR_NO_SUCH_MESSAGE.wire,
+    "DELE x": replies.ERR_USAGE["DELE"].wire,
+    "UIDL 3": b"+OK 3 uid-bob-2\r\n",
+    "UIDL 7": replies.ERR_NO_SUCH_MESSAGE.wire,
+    "NOOP": replies.OK_NOOP.wire,
+    "NOOP 1": replies.ERR_USAGE["NOOP"].wire,
+    "RSET": b"+OK maildrop has 3 messages (%d octets)\r\n" % sum(crlf_size(m) for m in MESSAGES),
+    "XYZZY": replies.ERR_UNKNOWN.wire,
 }
 
 
@@ -275,8 +296,9 @@ class CountingTransport:
 def test_pipelined_commands_are_answered_in_one_write(tables, monkeypatch):
     writes = []
     made = connection_module.Connection.connection_made
-    monkeypatch.setattr(connection_module.Connection, "connection_made",
-                        lambda self, t: made(self, CountingTransport(t, writes)))
+    monkeypatch.setattr(
+        connection_module.Connection, "connection_made", lambda self, t: made(self, CountingTransport(t, writes))
+    )
     with ServerThread(tables) as s:
         w = Wire(s.port)
         w.login("bob", "secret")
@@ -492,8 +514,24 @@ def test_an_idle_session_is_closed_without_committing(tables):
 def test_every_reply_line_is_well_formed(server):
     w = wire(server)
     assert is_well_formed(w.greeting)
-    for command in ["CAPA", "USER x", "PASS y", "NOOP", "FOO", "USER bob", "PASS secret", "STAT",
-                    "LIST", "UIDL", "LIST 9", "RETR 0", "DELE 2", "RSET", "TOP 3 0", "QUIT"]:
+    for command in [
+        "CAPA",
+        "USER x",
+        "PASS y",
+        "NOOP",
+        "FOO",
+        "USER bob",
+        "PASS secret",
+        "STAT",
+        "LIST",
+        "UIDL",
+        "LIST 9",
+        "RETR 0",
+        "DELE 2",
+        "RSET",
+        "TOP 3 0",
+        "QUIT",
+    ]:
         first = w.cmd(command)
         assert is_well_formed(first), (command, first)
         if first.startswith(b"+OK") and command in ("CAPA", "LIST", "UIDL", "TOP 3 0"):
@@ -537,8 +575,11 @@ def test_sessions_use_tcp_nodelay(server):
     """Without TCP_NODELAY a reply written in two pieces stalls ~40 ms."""
     w = logged_in(server)
     sessions = server.call(lambda: list(server.server.connections))
-    options = server.call(lambda: [s.transport.get_extra_info("socket").getsockopt(
-        socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sessions])
+    options = server.call(
+        lambda: [
+            s.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sessions
+        ]
+    )
     assert options == [1]
     w.cmd("QUIT")
 
@@ -572,12 +613,15 @@ def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory(tables):
             tail = window[-20:].rpartition(b"\r\n")[2]  # a header cut in two is counted once
 
 
-@pytest.mark.parametrize("error, reply", [
-    (StorageTempError("disk trouble"), replies.ERR_TEMP),
-    (StoragePermError("permission denied"), replies.ERR_PERM),
-    (MailboxInUse("another process"), replies.ERR_IN_USE),
-    (RuntimeError("a bug in a module"), replies.ERR_INTERNAL),
-])
+@pytest.mark.parametrize(
+    "error, reply",
+    [
+        (StorageTempError("disk trouble"), replies.ERR_TEMP),
+        (StoragePermError("permission denied"), replies.ERR_PERM),
+        (MailboxInUse("another process"), replies.ERR_IN_USE),
+        (RuntimeError("a bug in a module"), replies.ERR_INTERNAL),
+    ],
+)
 def test_storage_errors_at_login_map_to_response_codes(tables, error, reply):
     def refuse(mailbox):
         raise error
@@ -592,10 +636,13 @@ def test_storage_errors_at_login_map_to_response_codes(tables, error, reply):
         assert w.cmd("USER bob") == replies.OK_USER.wire[:-2]  # the session goes on
 
 
-@pytest.mark.parametrize("error, reply", [
-    (StorageTempError("disk full"), replies.ERR_TEMP),
-    (StoragePermError("read-only spool"), replies.ERR_PERM),
-])
+@pytest.mark.parametrize(
+    "error, reply",
+    [
+        (StorageTempError("disk full"), replies.ERR_TEMP),
+        (StoragePermError("read-only spool"), replies.ERR_PERM),
+    ],
+)
 def test_a_failed_commit_is_an_error_at_quit_and_unlocks(tables, error, reply):
     def fail(handle, deleted):
         raise error

@@ -5,15 +5,20 @@ import os
 import signal
 import time
 
+import pytest
 from pop_server import Spawned, Wire, mbox, write_site
 from process_limits import children, process_limit, wait_for
 
 from mpop3.protocol import replies
 
+pytestmark = pytest.mark.slow  # servers in subprocesses, grace periods
+
 
 def site(tmp_path, extra=None):
-    boxes = {"bob": mbox(b"Subject: 1\n\none\n", b"Subject: 2\n\ntwo\n"),
-             "alice": mbox(b"Subject: a\n\nalice\n", b"Subject: b\n\nbee\n")}
+    boxes = {
+        "bob": mbox(b"Subject: 1\n\none\n", b"Subject: 2\n\ntwo\n"),
+        "alice": mbox(b"Subject: a\n\nalice\n", b"Subject: b\n\nbee\n"),
+    }
     return write_site(tmp_path, {"bob": "pw", "alice": "pw"}, boxes, extra)
 
 
@@ -106,6 +111,7 @@ def greeting_pid(w):
     return int(w.greeting.split(b"<")[1].split(b".")[0])
 
 
+@pytest.mark.root
 def test_a_server_process_that_cannot_be_restarted_is_tried_again(tmp_path):
     conf = site(tmp_path, {"processes": "2"})
     with open(conf, "a") as f:

@@ -34,11 +34,22 @@ def test_a_whole_session_through_a_pipe(conf):
     out = through_pipe(conf, b"CAPA\r\nUSER bob\r\nPASS pw\r\nSTAT\r\nRETR 1\r\nDELE 2\r\nQUIT\r\n")
     lines = out.split(b"\r\n")
     assert lines[0].startswith(b"+OK mpop3 ready <")
-    assert lines[1:11] == [b"+OK capability list follows", b"TOP", b"UIDL", b"USER", b"RESP-CODES",
-                           b"AUTH-RESP-CODE", b"PIPELINING", b"SASL PLAIN LOGIN CRAM-MD5", b".",
-                           b"+OK send PASS"]
-    assert out.endswith(b"+OK 2 63\r\n+OK 37 octets\r\nSubject: one\r\n\r\n..dot line\r\nbody one\r\n.\r\n"
-                        b"+OK message deleted\r\n+OK mpop3 signing off (1 deleted, 1 left)\r\n")
+    assert lines[1:11] == [
+        b"+OK capability list follows",
+        b"TOP",
+        b"UIDL",
+        b"USER",
+        b"RESP-CODES",
+        b"AUTH-RESP-CODE",
+        b"PIPELINING",
+        b"SASL PLAIN LOGIN CRAM-MD5",
+        b".",
+        b"+OK send PASS",
+    ]
+    assert out.endswith(
+        b"+OK 2 63\r\n+OK 37 octets\r\nSubject: one\r\n\r\n..dot line\r\nbody one\r\n.\r\n"
+        b"+OK message deleted\r\n+OK mpop3 signing off (1 deleted, 1 left)\r\n"
+    )
     again = through_pipe(conf, b"USER bob\nPASS pw\nSTAT\nQUIT\n")  # bare LF works too
     assert b"+OK 1 37\r\n" in again
 
@@ -51,17 +62,20 @@ def test_end_of_input_without_quit_commits_nothing(conf):
 
 def test_a_failed_login_through_a_pipe(conf):
     out = through_pipe(conf, b"USER bob\r\nPASS nope\r\nQUIT\r\n")
-    assert out.split(b"\r\n")[1:4] == [b"+OK send PASS", b"-ERR [AUTH] authentication failed",
-                                       b"+OK mpop3 signing off"]
+    assert out.split(b"\r\n")[1:4] == [b"+OK send PASS", b"-ERR [AUTH] authentication failed", b"+OK mpop3 signing off"]
 
 
+@pytest.mark.clients
 @pytest.mark.parametrize("mode", ["socketpair", "pipes"])
 def test_socat_spawns_a_session_per_connection(conf, mode):
     port = free_port()
     exec_options = ",pipes" if mode == "pipes" else ""
     command = " ".join(mpop3_command(conf))
-    socat = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
-                              f"EXEC:{command}{exec_options}"], cwd=TREE, stderr=subprocess.PIPE)
+    socat = subprocess.Popen(
+        ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{command}{exec_options}"],
+        cwd=TREE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -96,8 +110,9 @@ def test_inetd_style_socket_on_stdin(conf):
 
     def spawner():
         conn, _ = listener.accept()
-        children.append(subprocess.Popen(mpop3_command(conf), stdin=conn, stdout=conn, cwd=TREE,
-                                         stderr=subprocess.PIPE))
+        children.append(
+            subprocess.Popen(mpop3_command(conf), stdin=conn, stdout=conn, cwd=TREE, stderr=subprocess.PIPE)
+        )
         conn.close()
 
     t = threading.Thread(target=spawner)

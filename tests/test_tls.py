@@ -22,22 +22,40 @@ import textwrap
 import time
 
 import pytest
-from pop_server import (TREE, MemoryStorage, ServerThread, Spawned, Wire, free_port, memory_tables,
-                        write_site)
+from pop_server import TREE, MemoryStorage, ServerThread, Spawned, Wire, free_port, memory_tables, write_site
 from test_clients import EXPECTED, EXPECTED_HEADER_END, MESSAGES, as_crlf, read_dir, run, spool_bytes
 
 from mpop3 import config, loader
-from mpop3.protocol import replies
 from mpop3.auth_functions import AuthFunctions
+from mpop3.protocol import replies
 
 
 def make_certificate(directory, name):
     cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:10.231.0.1"],
-        check=True, capture_output=True)
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:10.231.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return str(cert), str(key)
 
 
@@ -104,6 +122,7 @@ def test_poplib_pop3_ssl(site):
 # --- curl -----------------------------------------------------------------------------------
 
 
+@pytest.mark.clients
 @pytest.mark.parametrize("url", ["pop3s://bob:pw@127.0.0.1:{tls_port}/", "pop3://bob:pw@127.0.0.1:{port}/"])
 def test_curl(site, url):
     base = url.format(tls_port=site.tls_port, port=site.port)
@@ -116,6 +135,7 @@ def test_curl(site, url):
 # --- fetchmail ------------------------------------------------------------------------------
 
 
+@pytest.mark.clients
 @pytest.mark.parametrize("tls", ["ssl", "sslproto tls1.2+"])
 def test_fetchmail(site, tls):
     out = site.root / "fetched"
@@ -125,11 +145,12 @@ def test_fetchmail(site, tls):
     rc.write_text(
         "set no syslog\nset invisible\n"
         f"poll 127.0.0.1 with proto POP3 service {port} uidl auth password\n"
-        f'  user "bob" there with password "pw" is "root" here keep {tls} sslcertck sslcertfile {site.cert} sslcommonname localhost\n'
-        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n")
+        f'  user "bob" there with password "pw" is "root" here keep {tls}\n'
+        f"  sslcertck sslcertfile {site.cert} sslcommonname localhost\n"
+        f"  mda \"/bin/sh -c 'cat > {out}/msg.$$'\"\n"
+    )
     rc.chmod(0o600)
-    result = run(site, ["fetchmail", "-f", str(rc), "--idfile", str(site.home / ".fetchids"),
-                        "--nosyslog", "-v"])
+    result = run(site, ["fetchmail", "-f", str(rc), "--idfile", str(site.home / ".fetchids"), "--nosyslog", "-v"])
     assert sorted(read_dir(out)) == EXPECTED_HEADER_END
     if tls != "ssl":
         assert b"POP3> STLS" in result.stdout
@@ -138,6 +159,7 @@ def test_fetchmail(site, tls):
 # --- getmail6 ---------------------------------------------------------------------------------
 
 
+@pytest.mark.clients
 def test_getmail_ssl(site):
     out = site.root / "getmail-out"
     out.mkdir()
@@ -146,8 +168,9 @@ def test_getmail_ssl(site):
         "[retriever]\ntype = SimplePOP3SSLRetriever\nserver = 127.0.0.1\n"
         f"port = {site.tls_port}\nusername = bob\npassword = pw\nca_certs = {site.cert}\n"
         "[destination]\ntype = MDA_external\npath = /bin/sh\n"
-        f"arguments = (\"-c\", \"cat > {out}/msg.$$\")\nallow_root_commands = true\nunixfrom = false\n"
-        "[options]\ndelete = false\nread_all = false\nreceived = false\ndelivered_to = false\n")
+        f'arguments = ("-c", "cat > {out}/msg.$$")\nallow_root_commands = true\nunixfrom = false\n'
+        "[options]\ndelete = false\nread_all = false\nreceived = false\ndelivered_to = false\n"
+    )
     getmaildir = site.home / ".getmail"
     getmaildir.mkdir()
     run(site, ["getmail", f"--getmaildir={getmaildir}", f"--rcfile={rc}"])
@@ -158,6 +181,7 @@ def test_getmail_ssl(site):
 # --- mpop -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.clients
 @pytest.mark.parametrize("starttls", ["on", "off"])
 def test_mpop(site, starttls):
     maildir = site.root / "mpop-maildir"
@@ -169,7 +193,8 @@ def test_mpop(site, starttls):
         f"account default\nhost 127.0.0.1\nport {port}\nuser bob\npassword pw\n"
         f"tls on\ntls_starttls {starttls}\ntls_trust_file {site.cert}\nauth plain\n"
         f"received_header off\nkeep on\nuidls_file {site.home}/.mpop_uidls\n"
-        f"delivery maildir {maildir}\n")
+        f"delivery maildir {maildir}\n"
+    )
     rc.chmod(0o600)
     run(site, ["mpop", "-C", str(rc), "-a"])
     assert sorted(read_dir(maildir / "new")) == EXPECTED
@@ -197,7 +222,7 @@ def read_for(sock, seconds):
             if not chunk:
                 break
             data += chunk
-    except socket.timeout:
+    except TimeoutError:
         pass
     return data
 
@@ -351,8 +376,7 @@ def namespaces():
     try:
         ip("netns", "add", server_ns)
         ip("netns", "add", client_ns)
-        ip("link", "add", f"{tag}a", "netns", server_ns, "type", "veth", "peer", "name", f"{tag}b",
-           "netns", client_ns)
+        ip("link", "add", f"{tag}a", "netns", server_ns, "type", "veth", "peer", "name", f"{tag}b", "netns", client_ns)
         for ns, dev, addr in ((server_ns, f"{tag}a", "10.231.0.1/24"), (client_ns, f"{tag}b", "10.231.0.2/24")):
             ip("-n", ns, "addr", "add", addr, "dev", dev)
             ip("-n", ns, "link", "set", dev, "up")
@@ -363,20 +387,26 @@ def namespaces():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@pytest.mark.root
 def test_cleartext_refused_from_a_non_loopback_address_but_allowed_over_tls(tmp_path, certificate, namespaces):
     server_ns, client_ns = namespaces
     port, tls_port = free_port(), free_port()
-    conf = write_site(tmp_path, {"bob": "pw"}, {"bob": spool_bytes()},
-                      {**tls_settings(certificate, tls_port), "listen_tls": f"10.231.0.1:{tls_port}",
-                       "listen": f"10.231.0.1:{port}"})
-    server = subprocess.Popen(["ip", "netns", "exec", server_ns, sys.executable, "-m", "mpop3", "-c", conf],
-                              cwd=TREE, stderr=subprocess.PIPE)
+    conf = write_site(
+        tmp_path,
+        {"bob": "pw"},
+        {"bob": spool_bytes()},
+        {**tls_settings(certificate, tls_port), "listen_tls": f"10.231.0.1:{tls_port}", "listen": f"10.231.0.1:{port}"},
+    )
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", server_ns, sys.executable, "-m", "mpop3", "-c", conf], cwd=TREE, stderr=subprocess.PIPE
+    )
     try:
         client = [sys.executable, "-c", NETNS_CLIENT, "10.231.0.1", str(port), str(tls_port), certificate[0]]
         deadline = time.monotonic() + 15
         while True:
-            result = subprocess.run(["ip", "netns", "exec", client_ns, *client], capture_output=True,
-                                    cwd=TREE, timeout=30)
+            result = subprocess.run(
+                ["ip", "netns", "exec", client_ns, *client], capture_output=True, cwd=TREE, timeout=30
+            )
             if result.returncode == 0 or time.monotonic() > deadline or server.poll() is not None:
                 break
             time.sleep(0.2)  # not listening yet
@@ -498,8 +528,12 @@ def test_auth_failures_count_towards_the_limit(sasl_server):
 
 def start_with(tmp_path, extra):
     conf = write_site(tmp_path, {"bob": "pw"}, {"bob": b""}, extra)
-    return subprocess.run([sys.executable, "-m", "mpop3", "-c", conf, "-l", f"127.0.0.1:{free_port()}"],
-                          cwd=TREE, capture_output=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "mpop3", "-c", conf, "-l", f"127.0.0.1:{free_port()}"],
+        cwd=TREE,
+        capture_output=True,
+        timeout=30,
+    )
 
 
 def test_missing_certificate_is_a_one_line_start_up_error(tmp_path, certificate):
@@ -509,13 +543,18 @@ def test_missing_certificate_is_a_one_line_start_up_error(tmp_path, certificate)
     assert errors == [f"{tmp_path}/mpop3.conf: tls_cert {tmp_path}/nope.pem: No such file or directory"]
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"tls_cert": "{dir}"}, "tls_cert {dir}: Is a directory"),  # root reads anything else
-    ({"listen_tls": "127.0.0.1:9995"}, "listen_tls needs tls_cert (and tls_key)"),
-    ({"tls_key": "{key}"}, "tls_key is set but tls_cert is not"),
-    ({"tls_cert": "{cert}", "tls_key": "{key}", "tls_ciphers": "NO-SUCH-CIPHER"},
-     "tls_ciphers 'NO-SUCH-CIPHER': no cipher matches"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"tls_cert": "{dir}"}, "tls_cert {dir}: Is a directory"),  # root reads anything else
+        ({"listen_tls": "127.0.0.1:9995"}, "listen_tls needs tls_cert (and tls_key)"),
+        ({"tls_key": "{key}"}, "tls_key is set but tls_cert is not"),
+        (
+            {"tls_cert": "{cert}", "tls_key": "{key}", "tls_ciphers": "NO-SUCH-CIPHER"},
+            "tls_ciphers 'NO-SUCH-CIPHER': no cipher matches",
+        ),
+    ],
+)
 def test_tls_configuration_mistakes_are_one_line_start_up_errors(tmp_path, certificate, settings, message):
     names = {"dir": str(tmp_path), "cert": certificate[0], "key": certificate[1]}
     result = start_with(tmp_path, {k: v.format(**names) for k, v in settings.items()})
@@ -536,12 +575,13 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(tmp_path, cert
     cert_a = certificate
     cert_b = make_certificate(tmp_path, "second")
     live_cert, live_key = tmp_path / "live-cert.pem", tmp_path / "live-key.pem"
-    for src, dst in zip(cert_a, (live_cert, live_key)):
+    for src, dst in zip(cert_a, (live_cert, live_key), strict=True):
         dst.write_bytes(open(src, "rb").read())
     tls_port = free_port()
     path = tmp_path / "mpop3.conf"
-    path.write_text(f"listen 127.0.0.1:{free_port()}\nlisten_tls 127.0.0.1:{tls_port}\n"
-                    f"tls_cert {live_cert}\ntls_key {live_key}\n")
+    path.write_text(
+        f"listen 127.0.0.1:{free_port()}\nlisten_tls 127.0.0.1:{tls_port}\ntls_cert {live_cert}\ntls_key {live_key}\n"
+    )
     tables = memory_tables({"bob": "secret"}, {"bob": [b"Subject: hi\n\nbody\n"]})
     server = ServerThread(tables)
     server.conf = config.load(str(path))
@@ -552,7 +592,7 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(tmp_path, cert
         assert old.sock.getpeercert()["subject"] == ((("commonName", "mpop3-test"),),)
         old.user("bob")
         old.pass_("secret")
-        for src, dst in zip(cert_b, (live_cert, live_key)):
+        for src, dst in zip(cert_b, (live_cert, live_key), strict=True):
             dst.write_bytes(open(src, "rb").read())
         server.call(server.server.reload)
         new = poplib.POP3_SSL("127.0.0.1", tls_port, context=trust_both)
@@ -576,8 +616,9 @@ def test_sighup_reloads_the_certificate_of_the_mpop3_command(tmp_path, certifica
     live = tmp_path / "live.pem"
     live.write_bytes(open(certificate[1], "rb").read() + open(certificate[0], "rb").read())
     tls_port = free_port()
-    conf = write_site(tmp_path, {"bob": "pw"}, {"bob": spool_bytes()},
-                      {"tls_cert": str(live), "listen_tls": f"127.0.0.1:{tls_port}"})
+    conf = write_site(
+        tmp_path, {"bob": "pw"}, {"bob": spool_bytes()}, {"tls_cert": str(live), "listen_tls": f"127.0.0.1:{tls_port}"}
+    )
     trust_both = client_context(certificate[0])
     trust_both.load_verify_locations(cert_b[0])
 
@@ -602,14 +643,18 @@ def test_sighup_reloads_the_certificate_of_the_mpop3_command(tmp_path, certifica
         assert old.quit().startswith(b"+OK")
 
 
+@pytest.mark.clients
 def test_stdin_mode_on_a_listen_tls_port_is_implicit_tls(tmp_path, certificate):
     """inetd or systemd Accept=yes on port 995: `mpop3 -s` gets the TCP
     socket, sees that its port is a listen_tls address, and does TLS first."""
     port = free_port()
     conf = write_site(tmp_path, {"bob": "pw"}, {"bob": spool_bytes()}, tls_settings(certificate, port))
     command = f"{sys.executable} -m mpop3 -c {conf} -s"
-    socat = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
-                              f"EXEC:{command},nofork"], cwd=TREE, stderr=subprocess.DEVNULL)
+    socat = subprocess.Popen(
+        ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{command},nofork"],
+        cwd=TREE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:

@@ -14,29 +14,35 @@ DEMO = os.path.join(TREE, "demo")
 ADDRESS = "127.0.0.1:1110"
 
 MESSAGES = [
-    (b"From: Postmaster <postmaster@example.org>\n"
-     b"To: demo@example.org\n"
-     b"Subject: Welcome to mpop3\n"
-     b"Date: Thu, 19 Nov 2026 10:00:00 +0000\n"
-     b"Message-ID: <welcome@example.org>\n"
-     b"\n"
-     b"Hello! This message was served by mpop3.\n"
-     b"Try deleting it: the demo mailbox is rebuilt each time `make run` starts.\n"),
-    (b"From: Alice <alice@example.org>\n"
-     b"To: demo@example.org\n"
-     b"Subject: A line that starts with a dot\n"
-     b"Date: Thu, 19 Nov 2026 10:05:00 +0000\n"
-     b"Message-ID: <dot@example.org>\n"
-     b"\n"
-     b"The next line starts with a dot; POP3 sends it as '..' and clients undo that:\n"
-     b".like this\n"
-     b">From here on, an mbox quotes 'From ' at the start of a line.\n"),
-    (b"From: Bob <bob@example.org>\n"
-     b"To: demo@example.org\n"
-     b"Subject: Numbers\n"
-     b"Date: Thu, 19 Nov 2026 10:10:00 +0000\n"
-     b"Message-ID: <numbers@example.org>\n"
-     b"\n" + b"".join(b"line %d\n" % i for i in range(1, 21))),
+    (
+        b"From: Postmaster <postmaster@example.org>\n"
+        b"To: demo@example.org\n"
+        b"Subject: Welcome to mpop3\n"
+        b"Date: Thu, 19 Nov 2026 10:00:00 +0000\n"
+        b"Message-ID: <welcome@example.org>\n"
+        b"\n"
+        b"Hello! This message was served by mpop3.\n"
+        b"Try deleting it: the demo mailbox is rebuilt each time `make run` starts.\n"
+    ),
+    (
+        b"From: Alice <alice@example.org>\n"
+        b"To: demo@example.org\n"
+        b"Subject: A line that starts with a dot\n"
+        b"Date: Thu, 19 Nov 2026 10:05:00 +0000\n"
+        b"Message-ID: <dot@example.org>\n"
+        b"\n"
+        b"The next line starts with a dot; POP3 sends it as '..' and clients undo that:\n"
+        b".like this\n"
+        b">From here on, an mbox quotes 'From ' at the start of a line.\n"
+    ),
+    (
+        b"From: Bob <bob@example.org>\n"
+        b"To: demo@example.org\n"
+        b"Subject: Numbers\n"
+        b"Date: Thu, 19 Nov 2026 10:10:00 +0000\n"
+        b"Message-ID: <numbers@example.org>\n"
+        b"\n" + b"".join(b"line %d\n" % i for i in range(1, 21))
+    ),
 ]
 
 
@@ -51,12 +57,14 @@ def build():
         f.write("demo:demo\n")
     conf = os.path.join(DEMO, "mpop3.conf")
     with open(conf, "w") as f:
-        f.write(f"# written by tools/demo.py for `make run`\n"
-                f"listen {ADDRESS}\n"
-                f"module_dir {TREE}/modules\n"
-                f"login_fail_delay 1\n"
-                f"auth_module auth_file\n> passwd_file {DEMO}/passwd\n"
-                f"storage_module storage_mbox\n> storage_dir {spool}\n")
+        f.write(
+            f"# written by tools/demo.py for `make run`\n"
+            f"listen {ADDRESS}\n"
+            f"module_dir {TREE}/modules\n"
+            f"login_fail_delay 1\n"
+            f"auth_module auth_file\n> passwd_file {DEMO}/passwd\n"
+            f"storage_module storage_mbox\n> storage_dir {spool}\n"
+        )
     return conf
 
 

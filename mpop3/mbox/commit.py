@@ -175,8 +175,8 @@ def read_header(jfd):
         raise JournalError("damaged journal header")
     if os.fstat(jfd).st_size != DATA_OFFSET + length:
         raise JournalError("journal of the wrong length")
-    head = raw[FIXED.size:FIXED.size + head_n]
-    tail = raw[FIXED.size + head_n:end]
+    head = raw[FIXED.size : FIXED.size + head_n]
+    tail = raw[FIXED.size + head_n : end]
     return dev, ino, old_size, p0, length, head, tail
 
 

@@ -48,7 +48,7 @@ def wire_len(line):
 def parse(data):
     lines = split_lines(data)
     starts = []  # (line index, has From line)
-    for k, (off, line) in enumerate(lines):
+    for k, (_, line) in enumerate(lines):
         if line.startswith(b"From ") and (k == 0 or is_empty(lines[k - 1][1])):
             starts.append((k, True))
     if lines and (not starts or starts[0][0] != 0):
@@ -109,7 +109,7 @@ def message_hash(hashed, size):
     h = SEED
     full = len(hashed) // 8 * 8
     for pos in range(0, full, 8):
-        h = mix(h, int.from_bytes(hashed[pos:pos + 8], "little"))
+        h = mix(h, int.from_bytes(hashed[pos : pos + 8], "little"))
     if full < len(hashed):
         h = mix(h, int.from_bytes(hashed[full:], "little"))
     h ^= len(hashed)
@@ -137,4 +137,4 @@ def render(content, body_lines=None):
 
 
 def content(data, message):
-    return data[message.data:message.end]
+    return data[message.data : message.end]

@@ -133,6 +133,7 @@ def release_dotlock(spool_path):
 
 # ---- fcntl -----------------------------------------------------------------------
 
+
 def try_fcntl(fd, write):
     try:
         fcntl.lockf(fd, (fcntl.LOCK_EX if write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -185,6 +186,7 @@ def spool_locks(spool_path, fd, methods, write, timeout, stale_after):
 
 
 # ---- the session marker -------------------------------------------------------
+
 
 class SessionMarker:
     """STATE_DIR/MAILBOX.mpop3-session, flock()ed while a session lasts."""

@@ -69,8 +69,13 @@ class Settings:
 
 def check_mailbox_name(name):
     """The core validates names; a file name is built from this one, so again."""
-    if (not name or name in (".", "..") or "/" in name or ".." in name
-            or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)):
+    if (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or ".." in name
+        or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+    ):
         raise StoragePermError("invalid mailbox name")
 
 
@@ -184,8 +189,9 @@ class Mailbox:
             # spool owned by anyone else is not this mailbox's. (Root is
             # only ever here in tools and tests: a root server switches.)
             os.close(fd)
-            log.error("%s: spool owned by uid %d, not by uid %d serving it; refused",
-                      self.name, st.st_uid, os.geteuid())
+            log.error(
+                "%s: spool owned by uid %d, not by uid %d serving it; refused", self.name, st.st_uid, os.geteuid()
+            )
             raise StoragePermError("the spool belongs to another user")
         with _registry_lock:
             key = (st.st_dev, st.st_ino)
@@ -210,16 +216,19 @@ class Mailbox:
                     log.warning("%s: an interrupted commit was %s", self.name, done)
             elif repair and os.path.exists(self.journal_path):
                 # half rewritten, and we may not finish it: showing it could lie
-                log.error("%s: an interrupted commit needs replaying, but the spool is "
-                          "read-only for us", self.name)
+                log.error("%s: an interrupted commit needs replaying, but the spool is read-only for us", self.name)
                 raise StorageTempError("mailbox being repaired")
             self.index = _kernels.scan_fd(self.fd, os.fstat(self.fd).st_size)
             self.fingerprint = Fingerprint(self.fd, self.index)
 
     def check_unchanged(self, doing):
         if self.fd is not None and not self.fingerprint.matches(self.fd, self.path):
-            log.error("%s: the spool was modified by another program during the session "
-                      "(external modification); %s refused, nothing will be deleted", self.name, doing)
+            log.error(
+                "%s: the spool was modified by another program during the session "
+                "(external modification); %s refused, nothing will be deleted",
+                self.name,
+                doing,
+            )
             raise StorageTempError("mailbox changed by another program")
 
     def check_from_lines(self, indexes, doing):
@@ -227,8 +236,13 @@ class Mailbox:
         for i in indexes:
             start = self.index.start(i)
             if self.index.data(i) > start and os.pread(self.fd, 5, start) != b"From ":
-                log.error("%s: message %d no longer starts with a From line (external modification); "
-                          "%s refused, nothing will be deleted", self.name, i + 1, doing)
+                log.error(
+                    "%s: message %d no longer starts with a From line (external modification); "
+                    "%s refused, nothing will be deleted",
+                    self.name,
+                    i + 1,
+                    doing,
+                )
                 raise StorageTempError("mailbox changed by another program")
 
     def reading(self, chunks):

@@ -69,8 +69,9 @@ COMMANDS = (
     Command("USER", AUTHORIZATION, Args.WORD, b"USER name", "USER", "cmd_user", "RFC 1939 section 7"),
     Command("PASS", AUTHORIZATION, Args.REST, b"PASS password", None, "cmd_pass", "RFC 1939 section 7"),
     Command("APOP", AUTHORIZATION, Args.WORD_WORD, b"APOP name digest", None, "cmd_apop", "RFC 1939 section 7"),
-    Command("AUTH", AUTHORIZATION, Args.WORD_OPT_WORD, b"AUTH mechanism [initial-response]", "SASL",
-            "cmd_auth", "RFC 5034"),
+    Command(
+        "AUTH", AUTHORIZATION, Args.WORD_OPT_WORD, b"AUTH mechanism [initial-response]", "SASL", "cmd_auth", "RFC 5034"
+    ),
     Command("STLS", AUTHORIZATION, Args.NONE, b"STLS", "STLS", "cmd_stls", "RFC 2595 section 4"),
     Command("STAT", TRANSACTION, Args.NONE, b"STAT", None, "cmd_stat", "RFC 1939 section 5"),
     Command("LIST", TRANSACTION, Args.OPT_NUM, b"LIST [message]", None, "cmd_list", "RFC 1939 section 5"),
@@ -89,8 +90,19 @@ BY_VERB = {command.verb: command for command in COMMANDS}
 # The lines CAPA may list (RFC 2449 section 6), in the order it lists them.
 # Those named by a command's `capa` appear when that command works for the
 # session; the others describe the server (replies.capabilities decides).
-CAPABILITIES = ("TOP", "UIDL", "USER", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "STLS", "SASL",
-                "EXPIRE", "LOGIN-DELAY", "IMPLEMENTATION")
+CAPABILITIES = (
+    "TOP",
+    "UIDL",
+    "USER",
+    "RESP-CODES",
+    "AUTH-RESP-CODE",
+    "PIPELINING",
+    "STLS",
+    "SASL",
+    "EXPIRE",
+    "LOGIN-DELAY",
+    "IMPLEMENTATION",
+)
 
 # The largest message number accepted; anything longer is a syntax error
 # rather than wrapping around to a small number.

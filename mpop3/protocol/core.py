@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from ..errors import BadMailboxName, StorageTempError
 from . import replies, sasl
-from ._parser import BAD_ARGS, TOO_LONG, UNKNOWN, parse_command
+from ._parser import TOO_LONG, UNKNOWN, parse_command
 from .commands import AUTHORIZATION, CLOSED, COMMANDS, TRANSACTION, UPDATE, State
 
 log = logging.getLogger("mpop3.session")
@@ -124,8 +124,11 @@ class Policy:
     def sasl_mechanisms(self, cleartext_ok):
         """PLAIN and LOGIN where the password may cross in clear, CRAM-MD5
         if there are plaintext passwords to check its digest against."""
-        return [name for name, sends_password in sasl.MECHANISMS.items()
-                if (cleartext_ok if sends_password else self.cram_md5)]
+        return [
+            name
+            for name, sends_password in sasl.MECHANISMS.items()
+            if (cleartext_ok if sends_password else self.cram_md5)
+        ]
 
     def capabilities(self, uidl, stls, cleartext_ok):
         """The CAPA reply for a session in this situation (built once)."""
@@ -133,8 +136,8 @@ class Policy:
         capa = self.capa_cache.get(key)
         if capa is None:
             capa = self.capa_cache[key] = replies.capabilities(
-                uidl=uidl, user=cleartext_ok, stls=stls, sasl=self.sasl_mechanisms(cleartext_ok),
-                **self.capa_extras)
+                uidl=uidl, user=cleartext_ok, stls=stls, sasl=self.sasl_mechanisms(cleartext_ok), **self.capa_extras
+            )
         return capa
 
 
@@ -144,8 +147,25 @@ def decode(raw):
 
 class SessionCore:
     __slots__ = (
-        "policy", "peer", "state", "busy", "secure", "cleartext_ok", "tls_available", "timestamp",
-        "user", "login_user", "mailbox", "sizes", "deleted", "uidl", "uids", "bad", "too_long", "failures", "sasl",
+        "policy",
+        "peer",
+        "state",
+        "busy",
+        "secure",
+        "cleartext_ok",
+        "tls_available",
+        "timestamp",
+        "user",
+        "login_user",
+        "mailbox",
+        "sizes",
+        "deleted",
+        "uidl",
+        "uids",
+        "bad",
+        "too_long",
+        "failures",
+        "sasl",
         "pending_uidl",
     )
 

@@ -79,7 +79,7 @@ class LineReader:
         out = []
         while data:
             lf = data.find(b"\n")
-            piece, data = (data, b"") if lf < 0 else (data[: lf + 1], data[lf + 1:])
+            piece, data = (data, b"") if lf < 0 else (data[: lf + 1], data[lf + 1 :])
             if self.skipping:
                 self.skipping = lf < 0
             elif len(self.partial) + len(piece) > self.max_line:

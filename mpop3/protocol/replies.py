@@ -147,8 +147,7 @@ def sasl_challenge(data):
     return b"+ " + base64.b64encode(data) + CRLF
 
 
-def capabilities(*, uidl=True, expire=None, login_delay=0, implementation=None,
-                 user=True, stls=False, sasl=()):
+def capabilities(*, uidl=True, expire=None, login_delay=0, implementation=None, user=True, stls=False, sasl=()):
     """The CAPA reply (RFC 2449 section 6): exactly what works, in the order
     of commands.CAPABILITIES. `user`: USER/PASS is allowed; `stls`: STLS is
     offered; `sasl`: the mechanisms AUTH accepts on this connection."""

@@ -15,7 +15,6 @@ connection, a timeout, shutdown, a storage failure) releases the mailbox
 without committing anything.
 """
 
-import asyncio
 import logging
 import ssl
 from collections import deque
@@ -23,8 +22,19 @@ from collections import deque
 from ..errors import BadMailboxName, LoginDelay, LoginFailed, MailboxInUse, StorageError
 from ..protocol import replies
 from ..protocol._parser import LineReader
-from ..protocol.core import CLOSE, LOAD_UIDS, START_TLS, UPDATE, CheckLogin, Commit, OpenMailbox, SendMessage
-from ..protocol.core import SessionCore, Signal, decode
+from ..protocol.core import (
+    CLOSE,
+    LOAD_UIDS,
+    START_TLS,
+    UPDATE,
+    CheckLogin,
+    Commit,
+    OpenMailbox,
+    SendMessage,
+    SessionCore,
+    Signal,
+    decode,
+)
 from . import jobs, tls
 
 log = logging.getLogger("mpop3.session")
@@ -52,9 +62,25 @@ class Connection:
     """asyncio Protocol for one client of `service` (mpop3/server/service.py)."""
 
     __slots__ = (
-        "service", "loop", "transport", "peer", "core", "reader", "pending", "out", "handle", "closed",
-        "last_active", "stream", "write_paused", "pump_scheduled", "eof", "reading_paused", "closed_waiter",
-        "counted", "opened",
+        "service",
+        "loop",
+        "transport",
+        "peer",
+        "core",
+        "reader",
+        "pending",
+        "out",
+        "handle",
+        "closed",
+        "last_active",
+        "stream",
+        "write_paused",
+        "pump_scheduled",
+        "eof",
+        "reading_paused",
+        "closed_waiter",
+        "counted",
+        "opened",
     )
 
     def __init__(self, service):
@@ -96,11 +122,14 @@ class Connection:
         secure = transport.get_extra_info("ssl_object") is not None  # implicit TLS (RFC 8314)
         timestamp = service.tables.auth.auth_timestamp()
         self.core = SessionCore(
-            service.policy, peer, secure=secure,
+            service.policy,
+            peer,
+            secure=secure,
             cleartext_ok=cleartext_allowed(service.settings.plaintext_auth, peer),
             # a socket can switch to TLS; stdin mode's pipes (no peer) cannot
             tls_available=service.tls_context is not None and peer != tls.NO_PEER,
-            timestamp=timestamp.encode("utf-8", "surrogateescape") if timestamp else None)
+            timestamp=timestamp.encode("utf-8", "surrogateescape") if timestamp else None,
+        )
         if secure:
             self.log_tls(transport)
         transport.write(self.core.greeting())
@@ -235,8 +264,15 @@ class Connection:
 
     def check_login(self, action):
         service = self.service
-        service.workers.submit(lambda result, exc: self.login_checked(result, exc, action), jobs.log_in,
-                               service.tables, service.limits, self.peer, action, service.before_open)
+        service.workers.submit(
+            lambda result, exc: self.login_checked(result, exc, action),
+            jobs.log_in,
+            service.tables,
+            service.limits,
+            self.peer,
+            action,
+            service.before_open,
+        )
 
     def login_checked(self, result, exc, action):
         if exc is None:
@@ -250,8 +286,12 @@ class Connection:
             return
         elif isinstance(exc, LoginFailed):
             delay = exc.args[0]
-            log.warning("%s: failed login%s; answering in %.1f s", self.peer,
-                        ", closing" if self.core.last_chance() else "", delay)
+            log.warning(
+                "%s: failed login%s; answering in %.1f s",
+                self.peer,
+                ", closing" if self.core.last_chance() else "",
+                delay,
+            )
             self.loop.call_later(delay, self.login_failed)
         else:
             self.login_refused(exc, action.user)
@@ -265,8 +305,13 @@ class Connection:
             log.error("%s: user %r maps to an unsafe mailbox name %r; refused", self.peer, decode(user), exc.args[0])
         elif isinstance(exc, (StorageError, LoginDelay)):
             level = logging.INFO if isinstance(exc, (MailboxInUse, LoginDelay)) else logging.WARNING
-            log.log(level, "%s: login of %r refused: %s", self.peer, decode(user),
-                    type(exc).__name__ + (f": {exc}" if str(exc) else ""))
+            log.log(
+                level,
+                "%s: login of %r refused: %s",
+                self.peer,
+                decode(user),
+                type(exc).__name__ + (f": {exc}" if str(exc) else ""),
+            )
         else:
             log.error("%s: login of %r failed", self.peer, decode(user), exc_info=exc)
         self.answer(self.core.login_refused(exc))
@@ -277,9 +322,15 @@ class Connection:
             self.mailbox_opened(opened)
             return
         service = self.service
-        service.workers.submit(lambda opened, exc: self.mailbox_opened(opened or jobs.Opened(action.mailbox, error=exc)),
-                               jobs.open_mailbox, service.tables.storage, service.limits, self.peer,
-                               action.mailbox, service.before_open)
+        service.workers.submit(
+            lambda opened, exc: self.mailbox_opened(opened or jobs.Opened(action.mailbox, error=exc)),
+            jobs.open_mailbox,
+            service.tables.storage,
+            service.limits,
+            self.peer,
+            action.mailbox,
+            service.before_open,
+        )
 
     def mailbox_opened(self, opened):
         if opened.error is not None:
@@ -291,8 +342,14 @@ class Connection:
             self.release()
             return
         if log.isEnabledFor(logging.INFO):
-            log.info("%s: %s logged in, %d message%s (%d octets)", self.peer, self.core.mailbox,
-                     len(sizes), "" if len(sizes) == 1 else "s", sum(sizes))
+            log.info(
+                "%s: %s logged in, %d message%s (%d octets)",
+                self.peer,
+                self.core.mailbox,
+                len(sizes),
+                "" if len(sizes) == 1 else "s",
+                sum(sizes),
+            )
         self.answer(self.core.mailbox_opened(sizes, opened.uidl))
 
     # --- TRANSACTION: what needs the storage module --------------------------
@@ -349,8 +406,12 @@ class Connection:
                 return
             except StorageError as exc:
                 # the message is half sent: all we can do is hang up
-                log.warning("%s: mailbox %s failed while sending a message: %s",
-                            self.peer, self.core.mailbox, exc or type(exc).__name__)
+                log.warning(
+                    "%s: mailbox %s failed while sending a message: %s",
+                    self.peer,
+                    self.core.mailbox,
+                    exc or type(exc).__name__,
+                )
                 self.close()
                 return
             except Exception:
@@ -389,8 +450,13 @@ class Connection:
         if exc is None:
             log.info("%s: %s logged out, %d deleted, %d left", self.peer, core.mailbox, deleted, left)
         else:
-            log.error("%s: %s: committing %d deletions failed: %s", self.peer, core.mailbox,
-                      deleted, exc or type(exc).__name__)
+            log.error(
+                "%s: %s: committing %d deletions failed: %s",
+                self.peer,
+                core.mailbox,
+                deleted,
+                exc or type(exc).__name__,
+            )
         if not self.closed:  # else the client went away; the commit happened all the same
             self.perform(core.committed(exc))
 
@@ -413,9 +479,10 @@ class Connection:
         clear = self.transport
         timeout = min(TLS_HANDSHAKE_TIMEOUT, max(1.0, self.service.settings.idle_timeout))
         try:
-            transport = await self.loop.start_tls(clear, self, self.service.tls_context, server_side=True,
-                                                  ssl_handshake_timeout=timeout)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            transport = await self.loop.start_tls(
+                clear, self, self.service.tls_context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("%s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
             clear.abort()
             self.connection_lost(exc)

@@ -51,12 +51,15 @@ def run(conf, tables, stdin_mode=False):
     try:
         # several server processes: a set of sockets each (SO_REUSEPORT), so
         # the kernel spreads connections evenly instead of waking them all
-        socket_sets = [[bind(host, port, reuse_port=processes > 1) for host, port in conf.listen + conf.listen_tls]
-                       for _ in range(processes)]
+        socket_sets = [
+            [bind(host, port, reuse_port=processes > 1) for host, port in conf.listen + conf.listen_tls]
+            for _ in range(processes)
+        ]
     except OSError as e:
         log.error("cannot listen: %s", e.strerror or e)
         return 1
     if per_session:
+
         def serve_session(conf, sock, channel):
             return serve_connection(conf, tables, sock, channel, before_open)
 
@@ -64,6 +67,7 @@ def run(conf, tables, stdin_mode=False):
     if plan is not None and not privs.switch_or_log(privs.safe_identity(conf)):
         return 1
     if processes > 1:
+
         def serve_worker(conf, sockets, tally, channel):
             return serve_shared(conf, tables, sockets, tally, channel)
 
@@ -75,6 +79,7 @@ def serve_shared(conf, tables, sockets, tally=None, channel=None):
     """Many sessions in this process, on listening `sockets`; in a worker
     of several, `tally` counts the sessions of all and `channel` reaches
     the parent's limits."""
+
     def main(service):
         service.loop.run_until_complete(service.start_listeners(sockets))
         service.loop.run_until_complete(service.stopped)
@@ -86,13 +91,15 @@ def serve_shared(conf, tables, sockets, tally=None, channel=None):
 
 def serve_connection(conf, tables, sock, channel, before_open):
     """One session, on a socket the listener accepted; then the process ends."""
+
     def main(service):
         service.loop.run_until_complete(service.serve_one(lambda c: connect_socket(service, c, sock)))
         if service.stopping:  # SIGTERM came: let stop() finish its work
             service.loop.run_until_complete(service.stopped)
 
-    return in_service(conf, tables, main, workers=InlineWorkers, limits=(channel.throttle, channel.clock),
-                      before_open=before_open)
+    return in_service(
+        conf, tables, main, workers=InlineWorkers, limits=(channel.throttle, channel.clock), before_open=before_open
+    )
 
 
 def serve_stdin(conf, tables, before_open):
@@ -101,17 +108,22 @@ def serve_stdin(conf, tables, before_open):
     delay = conf.values["login_delay"]
     state_dir = conf.values["state_dir"]
     if delay > 0 and not os.access(state_dir, os.W_OK | os.X_OK):
-        log.error("login_delay needs state_dir %s, a directory this process (uid %d) can write: "
-                  "in stdin mode the last login times are kept there", state_dir, os.geteuid())
+        log.error(
+            "login_delay needs state_dir %s, a directory this process (uid %d) can write: "
+            "in stdin mode the last login times are kept there",
+            state_dir,
+            os.geteuid(),
+        )
         return 1
-    limits = (LoginThrottle(conf.values["login_fail_delay"], conf.values["login_fail_delay_max"]),
-              FileLoginClock(state_dir))
+    limits = (
+        LoginThrottle(conf.values["login_fail_delay"], conf.values["login_fail_delay_max"]),
+        FileLoginClock(state_dir),
+    )
 
     def main(service):
         service.loop.run_until_complete(service.serve_one(lambda c: connect_stdin(service, c)))
 
-    return in_service(conf, tables, main, workers=InlineWorkers, limits=limits, before_open=before_open,
-                      signals=False)
+    return in_service(conf, tables, main, workers=InlineWorkers, limits=limits, before_open=before_open, signals=False)
 
 
 def in_service(conf, tables, main, *, workers=None, signals=True, **options):

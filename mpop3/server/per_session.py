@@ -72,6 +72,7 @@ class SessionProcesses(Supervisor):
 
     def become_session(self, conn, channel):
         """In the child: serve, then exit."""
+
         def serve():
             conn.setblocking(False)
             return self.serve_session(self.conf, conn, channel)

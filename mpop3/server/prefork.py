@@ -92,6 +92,7 @@ class Prefork(Supervisor):
 
     def become_worker(self, slot, channel):
         """In the child: a whole server of its own, until it exits."""
+
         def serve():
             end_with_parent()
             # the worker unblocks SIGTERM, SIGINT and SIGHUP once it handles them

@@ -167,12 +167,19 @@ def plan_for(tables, stdin_mode):
         log.info("not started as root: running as uid %d, no user switching", os.geteuid())
         return None
     chosen = plan(tables.storage.storage_need_user(), tables.auth.auth_need_root(), stdin_mode)
-    log.info("started as root: switching users %s%s", chosen.when,
-             " to each mailbox's user" if chosen.to_mailbox_user else " to safe_user")
+    log.info(
+        "started as root: switching users %s%s",
+        chosen.when,
+        " to each mailbox's user" if chosen.to_mailbox_user else " to safe_user",
+    )
     closed = python_closed_at()
     if closed is not None:
-        log.warning("%s is closed to other users, and Python runs from under it: after giving up "
-                    "root, mpop3 may fail to import (chmod o+x %s, or use a system Python)", closed, closed)
+        log.warning(
+            "%s is closed to other users, and Python runs from under it: after giving up "
+            "root, mpop3 may fail to import (chmod o+x %s, or use a system Python)",
+            closed,
+            closed,
+        )
     return chosen
 
 

@@ -20,7 +20,8 @@ import asyncio
 import logging
 import socket
 
-from .. import config, log as logs
+from .. import config
+from .. import log as logs
 from ..auth_functions import AuthFunctions
 from ..protocol import replies
 from ..protocol.core import Policy
@@ -52,14 +53,20 @@ class Service:
         self.tables = tables
         self.loop = loop
         self.settings = settings = Settings(conf)
-        self.policy = Policy(settings.max_bad_commands, settings.max_login_failures,
-                             cram_md5=plaintext_passwords(tables.auth), **self.capa_extras(conf))
+        self.policy = Policy(
+            settings.max_bad_commands,
+            settings.max_login_failures,
+            cram_md5=plaintext_passwords(tables.auth),
+            **self.capa_extras(conf),
+        )
         self.workers = workers or Workers(loop, conf.values["worker_threads"])
         # built before any fork (cli.py); tests hand the Service a bare Config
         self.tls_context = conf.tls_context or tls.context_from_config(conf)
         self.admission = Admission(settings.max_sessions, settings.max_sessions_per_ip, tally)
-        throttle, clock = limits or (LoginThrottle(settings.login_fail_delay, settings.login_fail_delay_max),
-                                     LoginDelayClock())
+        throttle, clock = limits or (
+            LoginThrottle(settings.login_fail_delay, settings.login_fail_delay_max),
+            LoginDelayClock(),
+        )
         self.limits = Limits(throttle, clock, settings.login_delay)
         self.before_open = before_open
         self.connections = set()
@@ -122,12 +129,15 @@ class Service:
             sockets = [bind(host, port) for host, port in self.conf.listen + self.conf.listen_tls]
         bound = []
         for sock in sockets:
-            listener = await self.loop.create_server(lambda: Connection(self), sock=sock, backlog=1024,
-                                                     ssl=self.tls_for(sock))
+            listener = await self.loop.create_server(
+                lambda: Connection(self), sock=sock, backlog=1024, ssl=self.tls_for(sock)
+            )
             self.listeners.append(listener)
             bound.append(sock.getsockname()[:2])
-        log.info("listening on %s", ", ".join(
-            f"{h}:{p}" + (" (TLS)" if (h, p) in self.conf.listen_tls else "") for h, p in bound))
+        log.info(
+            "listening on %s",
+            ", ".join(f"{h}:{p}" + (" (TLS)" if (h, p) in self.conf.listen_tls else "") for h, p in bound),
+        )
         return bound
 
     async def serve_one(self, connect):
@@ -147,8 +157,12 @@ class Service:
             return
         self.stopping = True
         open_now = len(self.connections)
-        log.info("stopping: %d session%s open, grace period %g s", open_now, "" if open_now == 1 else "s",
-                 self.settings.shutdown_grace)
+        log.info(
+            "stopping: %d session%s open, grace period %g s",
+            open_now,
+            "" if open_now == 1 else "s",
+            self.settings.shutdown_grace,
+        )
         for listener in self.listeners:
             listener.close()
         self.loop.create_task(self.drain())
@@ -158,8 +172,11 @@ class Service:
         while self.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.connections:
-            log.info("grace period over: closing %d session%s without committing",
-                     len(self.connections), "" if len(self.connections) == 1 else "s")
+            log.info(
+                "grace period over: closing %d session%s without committing",
+                len(self.connections),
+                "" if len(self.connections) == 1 else "s",
+            )
             for connection in list(self.connections):
                 connection.shut_down()
         await self.finish_commits()
@@ -187,8 +204,10 @@ class Service:
 def plaintext_passwords(auth):
     """Whether the auth table can give plaintext passwords (CRAM-MD5 needs
     them): a module supplies auth_password, or a subclass overrides it."""
-    return (auth.supplied_by.get("auth_password", "default") != "default"
-            or type(auth).auth_password is not AuthFunctions.auth_password)
+    return (
+        auth.supplied_by.get("auth_password", "default") != "default"
+        or type(auth).auth_password is not AuthFunctions.auth_password
+    )
 
 
 def bind(host, port, reuse_port=False):

@@ -136,7 +136,7 @@ class PlainFiles(asyncio.Transport):
             view = memoryview(data)
             try:
                 while view:
-                    view = view[os.write(1, view):]
+                    view = view[os.write(1, view) :]
             except OSError:
                 self.close()
 

@@ -33,7 +33,8 @@ import signal
 import socket
 import threading
 
-from .. import config, log as logs
+from .. import config
+from .. import log as logs
 from . import tls
 from .limits import LoginDelayClock, LoginThrottle
 
@@ -238,8 +239,11 @@ class ChildReports:
                 self.budget -= 1
             answer = None if self.budget is not None and self.budget < 0 else self.answer(line.split(b" "))
             if answer is None:
-                log.warning("process for %s: malformed report %r; no longer listening to it",
-                            self.address or "several clients", line[:LONGEST_REPORT])
+                log.warning(
+                    "process for %s: malformed report %r; no longer listening to it",
+                    self.address or "several clients",
+                    line[:LONGEST_REPORT],
+                )
                 self.hang_up()
                 return
             if answer is not True:
@@ -346,7 +350,6 @@ class Remote:
 
 
 class RemoteThrottle(Remote, LoginThrottle):
-
     def failed_mark(self, address, mark):
         local = super().failed_mark(address, mark)
         answer = self.channel.ask(b"failed %s %s\n" % (address.encode(), mark.hex().encode()))
@@ -358,7 +361,6 @@ class RemoteThrottle(Remote, LoginThrottle):
 
 
 class RemoteClock(Remote, LoginDelayClock):
-
     def wait_needed(self, mailbox, delay):
         if delay <= 0:
             return 0

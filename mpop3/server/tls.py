@@ -57,8 +57,9 @@ def server_context(cert, key, min_version="1.2", ciphers=None):
     try:
         context.load_cert_chain(cert, key)
     except ssl.SSLError as e:
-        raise TLSSetupError(f"tls_cert {cert} / tls_key {key}: not a usable certificate and key "
-                            f"({e.reason or e})") from None
+        raise TLSSetupError(
+            f"tls_cert {cert} / tls_key {key}: not a usable certificate and key ({e.reason or e})"
+        ) from None
     return context
 
 
