@@ -14,8 +14,8 @@ PROBE = r"""
 import gc, json, os, resource, sys, time
 if sys.argv[1] == "prepared":
     import asyncio, ssl, uvloop
-    import mpop3.server, mpop3.session, mpop3.session_processes
-    mpop3.server.new_loop().close()
+    import mpop3.server.models
+    mpop3.server.service.new_loop().close()
 gc.collect()
 gc.freeze()
 scratch = bytearray(8 << 20)

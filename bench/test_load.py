@@ -325,10 +325,21 @@ def test_logins_per_second(site, capsys, clients):
         f"(ratio {rate / base:.2f}), {PROCESSES} processes {multi_rate:6.0f}/s (ratio {multi_rate / base:.2f}), "
         f"no storage module {core_rate:6.0f}/s (ratio {core_rate / base:.2f}); CPU: server "
         f"{ours['server_cpu']:.2f} / {multi['server_cpu']:.2f} cores, loadgen {ours['loadgen_cpu']:.2f} / "
-        f"{multi['loadgen_cpu']:.2f} cores",
+        f"{multi['loadgen_cpu']:.2f} cores; CPU per login {cpu_per_session(ours):.0f} / "
+        f"{cpu_per_session(multi):.0f} us; machine {busy(multi):.0%} busy with {PROCESSES} processes",
     )
     assert ours["sessions"] > 0 and multi["sessions"] > 0 and core["sessions"] > 0
     compare_with_dovecot(site, capsys, "login", clients, "user7%02d", multi_rate, lambda r: r["sessions"], "sessions/s")
+
+
+def cpu_per_session(r):
+    """Server CPU per session, in microseconds."""
+    return 1e6 * r["server_cpu"] / (r["sessions"] / r["seconds"])
+
+
+def busy(r):
+    """The share of this machine's cores the server and the load generator kept busy."""
+    return (r["server_cpu"] + r["loadgen_cpu"]) / os.cpu_count()
 
 
 def compare_with_dovecot(site, capsys, mode, clients, userfmt, ours, amount, unit):
@@ -339,7 +350,8 @@ def compare_with_dovecot(site, capsys, mode, clients, userfmt, ours, amount, uni
         return
     theirs = measure(site, "dovecot", mode, clients, userfmt)
     rate = amount(theirs) / theirs["seconds"]
-    report(site, capsys, f"      vs Dovecot: {rate:7.0f} {unit}, mpop3 / Dovecot = {ours / rate:.2f}")
+    cost = f", CPU per login {cpu_per_session(theirs):.0f} us" if mode == "login" else ""
+    report(site, capsys, f"      vs Dovecot: {rate:7.0f} {unit}{cost}, mpop3 / Dovecot = {ours / rate:.2f}")
 
 
 @pytest.mark.parametrize("clients", [1, 4])
