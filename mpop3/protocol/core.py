@@ -141,10 +141,6 @@ class Policy:
         return capa
 
 
-def decode(raw):
-    return raw.decode("utf-8", "surrogateescape")
-
-
 class SessionCore:
     __slots__ = (
         "policy",

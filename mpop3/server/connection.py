@@ -33,9 +33,9 @@ from ..protocol.core import (
     SendMessage,
     SessionCore,
     Signal,
-    decode,
 )
 from . import jobs, tls
+from .jobs import decode
 
 log = logging.getLogger("mpop3.session")
 
