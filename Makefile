@@ -54,7 +54,7 @@ install: build
 	install -m 644 mpop3/include/*.pxi $(DESTDIR)$(DATADIR)/include/
 	printf '%s\n' '"""Written by make install: where this copy of mpop3 finds its files."""' \
 	    'CONFIG_FILE = "$(SYSCONFDIR)/mpop3.conf"' 'MODULE_DIR = "$(MODDIR)"' \
-	    'MODULE_MK = "$(DATADIR)/module.mk"' 'INCLUDE_DIR = "$(DATADIR)/include"' \
+	    'MODULE_MK = "$(DATADIR)/module.mk"' \
 	    > $(DESTDIR)$(PYLIBDIR)/mpop3/_layout.py
 	for so in modules/*.so; do \
 	    install -m 755 $$so $(DESTDIR)$(MODDIR)/$$(basename $$so | cut -d. -f1).so; done

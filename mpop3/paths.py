@@ -10,9 +10,8 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TREE = os.path.dirname(_PACKAGE_DIR)
 
 try:
-    from ._layout import CONFIG_FILE, INCLUDE_DIR, MODULE_DIR, MODULE_MK
+    from ._layout import CONFIG_FILE, MODULE_DIR, MODULE_MK
 except ImportError:  # the build tree
     CONFIG_FILE = os.path.join(_TREE, "mpop3.conf")
     MODULE_DIR = os.path.join(_TREE, "modules")
     MODULE_MK = os.path.join(_TREE, "modules", "module.mk")
-    INCLUDE_DIR = os.path.join(_PACKAGE_DIR, "include")

@@ -85,8 +85,6 @@ COMMANDS = (
     Command("QUIT", AUTHORIZATION | TRANSACTION, Args.NONE, b"QUIT", None, "cmd_quit", "RFC 1939 sections 4, 6"),
 )
 
-BY_VERB = {command.verb: command for command in COMMANDS}
-
 # The lines CAPA may list (RFC 2449 section 6), in the order it lists them.
 # Those named by a command's `capa` appear when that command works for the
 # session; the others describe the server (replies.capabilities decides).

@@ -32,7 +32,7 @@ def read_number(text, limit, saturate=False):
 def parse_command(line):
     if b"\0" in line:
         return (UNKNOWN, None, None)
-    verb, space, rest = line.partition(b" ")
+    verb, _, rest = line.partition(b" ")
     cmd = VERBS.get(verb.upper()) if verb.isalpha() and verb.isascii() else None
     if cmd is None:
         return (UNKNOWN, None, None)
