@@ -1,12 +1,16 @@
-"""Fixtures of the foundation tests: an installed copy of mpop3, and test
+"""Fixtures for every test file: the two kinds of server (`spawn`, the
+real command; `server_thread`, the Service in a thread on in-memory
+tables) and the loops they run on; an installed copy of mpop3, and test
 modules built out of tree with its module.mk."""
 
+import contextlib
 import os
 import subprocess
 import sys
 
 import pop_server
 import pytest
+from pop_server import ServerThread, Spawned, write_site
 
 from mpop3.server import privs
 
@@ -78,3 +82,30 @@ def loop_kind(request, monkeypatch):
     uses, and asyncio's own, so nothing depends on one loop's quirks."""
     monkeypatch.setattr(pop_server, "LOOP", request.param)
     return request.param
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """Start the real `mpop3` command: spawn(users, boxes, extra=None,
+    root=tmp_path, **site) writes a site with write_site (whose keywords
+    `site` holds) and starts a Spawned on it; spawn(conf=PATH) starts one
+    on a configuration already written (a restart, a second server).
+    Returns the started Spawned; every one is stopped when the test ends,
+    and a `with` block stops it sooner."""
+    with contextlib.ExitStack() as started:
+
+        def spawn(users=None, boxes=None, extra=None, *, conf=None, root=None, **site):
+            if conf is None:
+                conf = write_site(root or tmp_path, users, boxes, extra, **site)
+            return started.enter_context(Spawned(conf))
+
+        yield spawn
+
+
+@pytest.fixture
+def server_thread():
+    """Start the real Service in a thread: server_thread(tables, extra=None)
+    -> a started ServerThread on those tables (pop_server.memory_tables)
+    and on the loop `loop_kind` chose, stopped when the test ends."""
+    with contextlib.ExitStack() as started:
+        yield lambda tables, extra=None: started.enter_context(ServerThread(tables, extra))

@@ -1,5 +1,6 @@
-"""Shared by the tests/test_mbox_*.py files: the storage_mbox module with
-test settings, spool generators, and the reference's view of a spool."""
+"""Spools for the tests: mbox(), the one builder of mbox files, and the
+generators built on it; for the tests/test_mbox_*.py files also the
+storage_mbox module with test settings and the reference's view of a spool."""
 
 import glob
 import os
@@ -19,18 +20,31 @@ def storage(spool_dir, **extra):
     return module
 
 
+def mbox(*messages, sender="MAILER-DAEMON", date="Thu Nov 19 10:00:00 2026", finish_last=True):
+    """An mbox file: each message (bytes: header, blank line, body; LF or
+    CRLF lines) after a From_ line, given the newline it may lack and a
+    blank line after it. finish_last=False leaves the last message as it
+    is, with nothing after it: a spool whose last line has no newline, or
+    one record as an MDA is handed it. Body lines starting with "From "
+    must already be quoted by the caller."""
+    out = []
+    for i, m in enumerate(messages):
+        out.append(b"From %s %s\n" % (sender.encode(), date.encode()))
+        out.append(m)
+        if finish_last or i < len(messages) - 1:
+            out.append(b"\n" if m.endswith(b"\n") else b"\n\n")
+    return b"".join(out)
+
+
 def message(n, body_lines=3, sender="sender@example.org"):
-    """One mbox record: From line, a few headers, a body, the separator."""
+    """Message number n as an mbox record: From_ line, a few headers, a body, the separator."""
     body = b"".join(b"line %d of message %d\n" % (k, n) for k in range(body_lines))
-    return (
-        b"From %s Thu Nov 19 10:00:%02d 2026\nSubject: message %d\nMessage-ID: <%d@example.org>\n\n"
-        % (sender.encode(), n % 60, n, n)
-        + body
-        + b"\n"
-    )
+    head = b"Subject: message %d\nMessage-ID: <%d@example.org>\n\n" % (n, n)
+    return mbox(head + body, sender=sender, date=f"Thu Nov 19 10:00:{n % 60:02d} 2026")
 
 
 def spool_of(count, start=0, body_lines=3):
+    """Messages start, start + 1, ... as a spool of `count` records."""
     return b"".join(message(n, body_lines) for n in range(start, start + count))
 
 

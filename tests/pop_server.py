@@ -3,15 +3,21 @@
 - ServerThread: the real Service (mpop3/server/service.py) in a thread, on
   uvloop or asyncio's own loop (LOOPS; the `loop_kind` fixture picks),
   with function tables the test builds (in-memory storage, a dict of users);
-- spawn(): the real `mpop3` command in a subprocess, with auth_file and
-  storage_mbox on files in a temporary directory (for the real clients);
+- Spawned: the real `mpop3` command in a subprocess, on a site that
+  write_site makes: auth_file and storage_mbox on files in a temporary
+  directory (for the real clients);
 - Wire: a raw socket client for what poplib hides (pipelining, NUL bytes,
-  over-long lines).
-Import what you need explicitly: `from pop_server import ...`.
+  over-long lines);
+- wait_for: the one way a test waits for something to happen.
+Tests get servers from the fixtures in conftest.py (`spawn`,
+`server_thread`), which stop them at the end; import the rest explicitly:
+`from pop_server import ...`. Spools come from mbox_helpers.mbox.
 """
 
 import asyncio
+import inspect
 import os
+import pathlib
 import re
 import socket
 import subprocess
@@ -31,6 +37,28 @@ TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Fast settings for tests: small delays, so a failed login costs milliseconds.
 FAST = {"login_fail_delay": "0.01", "login_fail_delay_max": "0.04", "shutdown_grace": "0.5"}
+
+
+def wait_for(condition, seconds=10, interval=0.02, what=None):
+    """Call condition() every `interval` seconds until it returns something
+    true, and return that. A condition may do work each round (connect,
+    reconnect, collect). If `seconds` pass first, fail naming what was
+    awaited: `what`, else the condition's docstring, else its source line."""
+    deadline = time.monotonic() + seconds
+    while not (result := condition()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waited {seconds} s for {what or awaited(condition)}")
+        time.sleep(interval)
+    return result
+
+
+def awaited(condition):
+    if condition.__doc__:
+        return condition.__doc__.strip()
+    try:
+        return inspect.getsource(condition).strip()
+    except (OSError, TypeError):
+        return repr(condition)
 
 
 def make_conf(extra=None, listen=None):
@@ -264,14 +292,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def write_site(root, users, boxes, extra=None):
+def write_site(root, users, boxes, extra=None, *, auth=None, mbox_options=None, spool=None):
     """A passwd file, an mbox spool dir and a config under `root`; the config path.
 
     users: name -> password line part (plaintext or hash), or (password, mailbox)
     boxes: mailbox -> mbox file contents (bytes)
+    extra: more directives, name -> value
+    auth: an auth module (name or path) to load instead of auth_file on the
+        passwd file
+    mbox_options: more storage_mbox settings (`> name value`), name -> value
+    spool: the spool directory, if not `root`/spool
     """
     root = str(root)
-    spool = os.path.join(root, "spool")
+    spool = str(spool or os.path.join(root, "spool"))
     os.makedirs(spool, exist_ok=True)
     with open(os.path.join(root, "passwd"), "w") as f:
         for name, value in users.items():
@@ -286,12 +319,9 @@ def write_site(root, users, boxes, extra=None):
     lines = [f"module_dir {TREE}/modules"]
     for name, value in {**FAST, **(extra or {})}.items():
         lines.append(f"{name} {value}")
-    lines += [
-        "auth_module auth_file",
-        f"> passwd_file {root}/passwd",
-        "storage_module storage_mbox",
-        f"> storage_dir {spool}",
-    ]
+    lines += [f"auth_module {auth}"] if auth else ["auth_module auth_file", f"> passwd_file {root}/passwd"]
+    lines += ["storage_module storage_mbox", f"> storage_dir {spool}"]
+    lines += [f"> {name} {value}" for name, value in (mbox_options or {}).items()]
     path = os.path.join(root, "mpop3.conf")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -299,6 +329,7 @@ def write_site(root, users, boxes, extra=None):
 
 
 SAFE_USER = "nobody"  # the default safe_user, which serves virtual users' mailboxes
+ANY_USER = {"mailbox_user": "any"}  # write_site's mbox_options: spools opened as the server's own user
 
 
 def served_as_safe_user(spool):
@@ -318,28 +349,41 @@ def served_as_safe_user(spool):
         path = os.path.dirname(path)
 
 
+def listening(port, host="127.0.0.1"):
+    """Whether something accepts connections on host:port now."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 class Spawned:
-    """`python -m mpop3 -c CONF -l 127.0.0.1:PORT` until stopped."""
+    """`python -m mpop3 -c CONF -l 127.0.0.1:PORT` until stopped; `root` is
+    the directory of CONF (write_site's root). Tests start it through the
+    `spawn` fixture (conftest.py)."""
 
     def __init__(self, conf_path, port=None, args=()):
         self.port = port or free_port()
         self.conf_path = conf_path
+        self.root = pathlib.Path(conf_path).parent
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mpop3", "-c", conf_path, "-l", f"127.0.0.1:{self.port}", *args],
             cwd=TREE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+
+        def started():
             if self.proc.poll() is not None:
                 raise RuntimeError("mpop3 exited: " + self.proc.stderr.read().decode())
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mpop3 did not start listening")
+            return listening(self.port)
+
+        try:
+            wait_for(started, seconds=15, interval=0.05, what=f"mpop3 to listen on port {self.port}")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, sig=15, timeout=20):
         if self.proc.poll() is None:
@@ -359,17 +403,6 @@ class Spawned:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def mbox(*messages, sender="MAILER-DAEMON", date="Thu Nov 19 10:00:00 2026"):
-    """An mbox file: each message (bytes, LF lines) after a From_ line.
-    Body lines starting with "From " must already be quoted by the caller."""
-    out = b""
-    for m in messages:
-        if not m.endswith(b"\n"):
-            m += b"\n"
-        out += b"From %s %s\n" % (sender.encode(), date.encode()) + m + b"\n"
-    return out
 
 
 def strip_trailing_blank(message):

@@ -3,7 +3,8 @@ many it may have (a pids cgroup: fork then fails with EAGAIN, root or not)."""
 
 import contextlib
 import os
-import time
+
+from pop_server import wait_for
 
 
 def children(pid):
@@ -19,13 +20,6 @@ def children(pid):
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(entry))
     return found
-
-
-def wait_for(condition, seconds=10):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
 
 
 @contextlib.contextmanager
@@ -48,17 +42,18 @@ def process_limit(pid, limit):
         with open(f"{group}/cgroup.procs", "w") as f:
             f.write(str(pid))
         yield set_limit
-    finally:  # every process back (its session processes too), then the group away
-        deadline = time.monotonic() + 10
-        while True:
+    finally:
+
+        def removed():
+            """every process back out of the test's pids cgroup (its session processes too), and the group gone"""
             for task in open(f"{group}/cgroup.procs").read().split():
                 with contextlib.suppress(OSError):  # it may have ended
                     with open(f"{base}/cgroup.procs", "w") as f:
                         f.write(task)
             try:
                 os.rmdir(group)
-                break
+                return True
             except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                return False
+
+        wait_for(removed, interval=0.05)

@@ -10,7 +10,8 @@ import poplib
 import subprocess
 
 import pytest
-from pop_server import Spawned, Wire, write_site
+from mbox_helpers import mbox
+from pop_server import Wire
 
 pytestmark = pytest.mark.clients  # fetchmail, getmail, mpop, curl
 
@@ -60,24 +61,22 @@ def with_header_end(message):
 EXPECTED_HEADER_END = sorted(with_header_end(m) for m in EXPECTED)
 
 
-def spool_bytes():
-    out = b""
-    for i, m in enumerate(MESSAGES):
-        out += b"From sender@example.org Thu Nov 19 10:00:00 2026\n" + m
-        if i < len(MESSAGES) - 1:
-            out += (b"" if m.endswith(b"\n") else b"\n") + b"\n"
-    return out
+# the spool: the last message stays without its final newline
+SPOOL = mbox(*MESSAGES, sender="sender@example.org", finish_last=False)
+
+
+def client_site(spawn, extra=None):
+    """The real mpop3 serving SPOOL to bob (password pw), and a HOME for
+    the clients (server.home) next to its files (server.root)."""
+    server = spawn({"bob": "pw"}, {"bob": SPOOL}, extra)
+    server.home = server.root / "home"
+    server.home.mkdir()
+    return server
 
 
 @pytest.fixture
-def site(tmp_path):
-    conf = write_site(tmp_path, {"bob": "pw"}, {"bob": spool_bytes()})
-    with Spawned(conf) as server:
-        home = tmp_path / "home"
-        home.mkdir()
-        server.home = home
-        server.root = tmp_path
-        yield server
+def site(spawn):
+    return client_site(spawn)
 
 
 def run(server, command, ok=(0,)):

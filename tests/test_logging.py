@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 from conftest import TREE, run_mpop3
-from pop_server import served_as_safe_user
+from mbox_helpers import mbox
+from pop_server import write_site
 from test_config import assert_one_line_error, write_conf
 
 
@@ -19,15 +20,9 @@ def serve_one_stdin_session(conf_path, commands):
     )
 
 
-def base_config(tmp_path):
-    (tmp_path / "passwd").write_text("alice:secret\n")
-    (tmp_path / "spool").mkdir()
-    (tmp_path / "spool" / "alice").write_bytes(b"From a@b Thu Jan  1 00:00:00 2026\nSubject: hi\n\nbody\n")
-    served_as_safe_user(tmp_path / "spool")
-    return (
-        f"auth_module auth_file\n> passwd_file {tmp_path}/passwd\n"
-        f"storage_module storage_mbox\n> storage_dir {tmp_path}/spool\n"
-    )
+def alice_site(tmp_path, extra=None):
+    """alice (password secret) with one message."""
+    return write_site(tmp_path, {"alice": "secret"}, {"alice": mbox(b"Subject: hi\n\nbody\n")}, extra)
 
 
 def test_syslog_receives_the_session_lines(tmp_path):
@@ -35,9 +30,7 @@ def test_syslog_receives_the_session_lines(tmp_path):
     syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     syslog.bind(address)
     syslog.settimeout(10)
-    conf = write_conf(
-        tmp_path, base_config(tmp_path) + f"log syslog\nsyslog_facility local3\nsyslog_socket {address}\n"
-    )
+    conf = alice_site(tmp_path, {"log": "syslog", "syslog_facility": "local3", "syslog_socket": address})
     result = serve_one_stdin_session(conf, b"USER alice\r\nPASS secret\r\nQUIT\r\n")
     assert result.stdout.startswith(b"+OK"), result
     assert result.stderr == b""  # nothing on stderr: it all went to syslog
@@ -51,7 +44,7 @@ def test_syslog_receives_the_session_lines(tmp_path):
 
 
 def test_stderr_by_default(tmp_path):
-    conf = write_conf(tmp_path, base_config(tmp_path))
+    conf = alice_site(tmp_path)
     result = serve_one_stdin_session(conf, b"USER alice\r\nPASS secret\r\nQUIT\r\n")
     assert b"INFO: " in result.stderr and b"alice logged in" in result.stderr
 

@@ -14,8 +14,7 @@ import threading
 import time
 
 import pytest
-from mbox_helpers import TREE, message, spool_of, storage
-from pop_server import Spawned, served_as_safe_user, write_site
+from mbox_helpers import TREE, mbox, message, spool_of, storage
 
 from mpop3.mbox import kernels_reference as ref
 
@@ -30,12 +29,12 @@ def contents(data):
 
 
 def delivered(kind, n):
-    return b"From %s@example.org Fri Nov 20 09:00:00 2026\nSubject: %s %d\n\nbody of %s %d\n" % (
-        kind.encode(),
-        kind.encode(),
-        n,
-        kind.encode(),
-        n,
+    """Message n of an MDA of this kind, as it is handed to it and as it must stand in the spool."""
+    return mbox(
+        b"Subject: %s %d\n\nbody of %s %d\n" % (kind.encode(), n, kind.encode(), n),
+        sender=f"{kind}@example.org",
+        date="Fri Nov 20 09:00:00 2026",
+        finish_last=False,
     )
 
 
@@ -60,14 +59,13 @@ FCNTL_APPENDER = textwrap.dedent("""
 
 
 @pytest.mark.clients
-def test_mail_delivered_by_procmail_and_an_fcntl_appender_during_a_session_is_kept(tmp_path):
+def test_mail_delivered_by_procmail_and_an_fcntl_appender_during_a_session_is_kept(tmp_path, spawn):
     assert PROCMAIL, "procmail is installed by .ci/run"
     original = spool_of(3000, body_lines=120)  # ~20 MB, so the commit takes a while
-    conf = write_site(tmp_path, {"bob": "secret"}, {"bob": original})
     spool = tmp_path / "spool" / "bob"
     rcfile = tmp_path / "procmailrc"
     rcfile.write_text(f"SHELL=/bin/sh\nLOCKSLEEP=1\n:0:\n{spool}\n")
-    with Spawned(conf) as server:
+    with spawn({"bob": "secret"}, {"bob": original}) as server:
         client = poplib.POP3("127.0.0.1", server.port, timeout=60)
         client.user("bob")
         client.pass_("secret")
@@ -91,17 +89,17 @@ def test_mail_delivered_by_procmail_and_an_fcntl_appender_during_a_session_is_ke
     assert sorted(arrivals) == sorted(expected)  # each once, byte for byte
 
 
-def test_a_second_session_in_another_server_gets_in_use(tmp_path):
-    conf = write_site(tmp_path, {"bob": "secret"}, {"bob": spool_of(2)})
-    with Spawned(conf) as one, Spawned(conf) as two:
-        first = poplib.POP3("127.0.0.1", one.port, timeout=10)
-        first.user("bob")
-        first.pass_("secret")
-        second = poplib.POP3("127.0.0.1", two.port, timeout=10)
-        second.user("bob")
-        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
-            second.pass_("secret")
-        first.quit()
+def test_a_second_session_in_another_server_gets_in_use(spawn):
+    one = spawn({"bob": "secret"}, {"bob": spool_of(2)})
+    two = spawn(conf=one.conf_path)
+    first = poplib.POP3("127.0.0.1", one.port, timeout=10)
+    first.user("bob")
+    first.pass_("secret")
+    second = poplib.POP3("127.0.0.1", two.port, timeout=10)
+    second.user("bob")
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        second.pass_("secret")
+    first.quit()
 
 
 # ---- kill -9 during a commit -------------------------------------------------
@@ -182,19 +180,10 @@ def small_tmpfs():
 
 
 @pytest.mark.root
-def test_disk_full_during_a_commit_answers_err_and_keeps_the_spool(small_tmpfs, tmp_path):
-    conf = write_site(tmp_path, {"bob": "secret"}, {})
+def test_disk_full_during_a_commit_answers_err_and_keeps_the_spool(small_tmpfs, spawn):
     spool_dir = os.path.join(small_tmpfs, "spool")
-    os.mkdir(spool_dir)
     data = spool_of(1200, body_lines=100)  # ~3 MB of 4: no room for a journal of it
-    with open(os.path.join(spool_dir, "bob"), "wb") as f:
-        f.write(data)
-    served_as_safe_user(spool_dir)
-    with open(conf) as f:
-        text = f.read().replace(f"> storage_dir {tmp_path}/spool", f"> storage_dir {spool_dir}")
-    with open(conf, "w") as f:
-        f.write(text)
-    with Spawned(conf) as server:
+    with spawn({"bob": "secret"}, {"bob": data}, spool=spool_dir) as server:
         client = poplib.POP3("127.0.0.1", server.port, timeout=30)
         client.user("bob")
         client.pass_("secret")

@@ -16,8 +16,8 @@ import subprocess
 import sys
 
 import pytest
-from pop_server import TREE, Spawned, Wire, mbox, write_site
-from process_limits import wait_for
+from mbox_helpers import mbox
+from pop_server import ANY_USER, TREE, Wire, wait_for, write_site
 
 from mpop3.protocol import replies
 
@@ -30,13 +30,16 @@ MODELS = {
 }
 
 
-def site(tmp_path, model, extra=None):
-    boxes = {"bob": mbox(b"Subject: 1\n\none\n"), "alice": mbox(b"Subject: a\n\nalice\n")}
-    conf = write_site(tmp_path, {"bob": "pw", "alice": "pw"}, boxes, {**MODELS.get(model, {}), **(extra or {})})
+USERS = {"bob": "pw", "alice": "pw"}
+BOXES = {"bob": mbox(b"Subject: 1\n\none\n"), "alice": mbox(b"Subject: a\n\nalice\n")}
+
+
+def site(model, **extra):
+    """The settings of write_site and spawn for a model, plus `extra` directives."""
+    settings = {"extra": {**MODELS.get(model, {}), **extra}}
     if model in ("shared", "prefork"):  # spools opened by the server's own user: no process per session
-        with open(conf, "a") as f:
-            f.write("> mailbox_user any\n")
-    return conf
+        settings["mbox_options"] = ANY_USER
+    return settings
 
 
 def login_reply(port, user):
@@ -52,26 +55,26 @@ def greeting_pid(w):
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_login_delay_holds_in_every_model(tmp_path, model):
-    with Spawned(site(tmp_path, model, {"login_delay": "60"})) as server:
-        first, _ = login_reply(server.port, "bob")
-        assert first.startswith(b"+OK maildrop")
-        servers = set()
-        for _ in range(30):  # enough for the kernel to use every server process
-            reply, pid = login_reply(server.port, "bob")
-            assert reply == replies.ERR_LOGIN_DELAY.wire[:-2], reply
-            servers.add(pid)
-            if model != "prefork" or len(servers) > 1:
-                break
-        assert model != "prefork" or len(servers) == 2, servers
-        assert login_reply(server.port, "alice")[0].startswith(b"+OK maildrop")  # another mailbox
+def test_login_delay_holds_in_every_model(spawn, model):
+    server = spawn(USERS, BOXES, **site(model, login_delay="60"))
+    first, _ = login_reply(server.port, "bob")
+    assert first.startswith(b"+OK maildrop")
+    servers = set()
+    for _ in range(30):  # enough for the kernel to use every server process
+        reply, pid = login_reply(server.port, "bob")
+        assert reply == replies.ERR_LOGIN_DELAY.wire[:-2], reply
+        servers.add(pid)
+        if model != "prefork" or len(servers) > 1:
+            break
+    assert model != "prefork" or len(servers) == 2, servers
+    assert login_reply(server.port, "alice")[0].startswith(b"+OK maildrop")  # another mailbox
 
 
 def test_login_delay_holds_in_stdin_mode(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
     os.chmod(state, 0o777)  # writable by safe_user, whom root becomes at once in stdin mode
-    conf = site(tmp_path, "stdin", {"login_delay": "60", "state_dir": str(state)})
+    conf = write_site(tmp_path, USERS, BOXES, **site("stdin", login_delay="60", state_dir=str(state)))
 
     def session():
         return subprocess.run(
@@ -85,7 +88,7 @@ def test_login_delay_holds_in_stdin_mode(tmp_path):
     assert b"+OK maildrop" in session().stdout
     assert replies.ERR_LOGIN_DELAY.wire in session().stdout
     assert len(os.listdir(state)) == 1 and "bob" not in os.listdir(state)[0]  # a hash, not the name
-    missing = site(tmp_path, "stdin", {"login_delay": "60", "state_dir": str(tmp_path / "nowhere")})
+    missing = write_site(tmp_path, USERS, BOXES, **site("stdin", login_delay="60", state_dir=str(tmp_path / "nowhere")))
     result = subprocess.run(
         [sys.executable, "-m", "mpop3", "-c", missing, "-s"], input=b"QUIT\n", capture_output=True, cwd=TREE, timeout=30
     )
@@ -93,19 +96,18 @@ def test_login_delay_holds_in_stdin_mode(tmp_path):
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_sighup_applies_log_level_in_every_model(tmp_path, model):
-    conf = site(tmp_path, model, {"log_level": "warning"})
-    with Spawned(conf) as server:
-        assert login_reply(server.port, "bob")[0].startswith(b"+OK")
-        with open(conf) as f:
-            text = f.read().replace("log_level warning", "log_level info\nimplementation reloaded")
-        with open(conf, "w") as f:
-            f.write(text)
-        server.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: all(implementation(server.port) for _ in range(6)))  # every process has reloaded
-        assert login_reply(server.port, "alice")[0].startswith(b"+OK")
-        server.stop()
-        log = server.proc.stderr.read().decode()
+def test_sighup_applies_log_level_in_every_model(spawn, model):
+    server = spawn(USERS, BOXES, **site(model, log_level="warning"))
+    assert login_reply(server.port, "bob")[0].startswith(b"+OK")
+    with open(server.conf_path) as f:
+        text = f.read().replace("log_level warning", "log_level info\nimplementation reloaded")
+    with open(server.conf_path, "w") as f:
+        f.write(text)
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: all(implementation(server.port) for _ in range(6)))  # every process has reloaded
+    assert login_reply(server.port, "alice")[0].startswith(b"+OK")
+    server.stop()
+    log = server.proc.stderr.read().decode()
     assert "alice logged in" in log and "bob logged in" not in log, log
 
 

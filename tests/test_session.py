@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from pop_server import ServerThread, Wire, crlf_size, memory_tables, top_form, wire_form
+from pop_server import ServerThread, Wire, crlf_size, memory_tables, top_form, wait_for, wire_form
 
 from mpop3.errors import MailboxInUse, StoragePermError, StorageTempError
 from mpop3.protocol import replies
@@ -36,9 +36,8 @@ def tables():
 
 
 @pytest.fixture
-def server(tables):
-    with ServerThread(tables) as s:
-        yield s
+def server(server_thread, tables):
+    return server_thread(tables)
 
 
 def wire(server):
@@ -228,9 +227,7 @@ def test_a_dropped_connection_commits_nothing(server, tables, how):
         assert w.line() == replies.OK_DELETED.wire[:-2]
         assert w.closed()
     w.close()
-    deadline = time.monotonic() + 5
-    while "bob" in tables.storage.locked and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: "bob" not in tables.storage.locked, seconds=5, interval=0.01)
     assert tables.storage.commits == []
     w = logged_in(server)  # the mailbox was released, with every message
     assert w.cmd("STAT").startswith(b"+OK 3 ")
@@ -242,9 +239,7 @@ def test_quit_commits_even_if_the_client_is_already_gone(server, tables):
     w.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
     w.send(b"DELE 1\r\nDELE 3\r\nQUIT\r\n")
     w.close()
-    deadline = time.monotonic() + 5
-    while not tables.storage.commits and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: tables.storage.commits, seconds=5, interval=0.01)
     assert tables.storage.commits == [("bob", [0, 2])]
 
 

@@ -6,20 +6,20 @@ import signal
 import time
 
 import pytest
-from pop_server import Spawned, Wire, mbox, write_site
-from process_limits import children, process_limit, wait_for
+from mbox_helpers import mbox
+from pop_server import ANY_USER, Wire, wait_for
+from process_limits import children, process_limit
 
 from mpop3.protocol import replies
 
 pytestmark = pytest.mark.slow  # servers in subprocesses, grace periods
 
 
-def site(tmp_path, extra=None):
-    boxes = {
-        "bob": mbox(b"Subject: 1\n\none\n", b"Subject: 2\n\ntwo\n"),
-        "alice": mbox(b"Subject: a\n\nalice\n", b"Subject: b\n\nbee\n"),
-    }
-    return write_site(tmp_path, {"bob": "pw", "alice": "pw"}, boxes, extra)
+USERS = {"bob": "pw", "alice": "pw"}
+BOXES = {
+    "bob": mbox(b"Subject: 1\n\none\n", b"Subject: 2\n\ntwo\n"),
+    "alice": mbox(b"Subject: a\n\nalice\n", b"Subject: b\n\nbee\n"),
+}
 
 
 def count(port, user):
@@ -30,9 +30,8 @@ def count(port, user):
     return n
 
 
-def test_sigterm_lets_sessions_finish_then_closes_them_uncommitted(tmp_path):
-    conf = site(tmp_path, {"shutdown_grace": "1.5"})
-    server = Spawned(conf)
+def test_sigterm_lets_sessions_finish_then_closes_them_uncommitted(spawn):
+    server = spawn(USERS, BOXES, {"shutdown_grace": "1.5"})
     finishing = Wire(server.port)
     finishing.login("bob", "pw")
     lingering = Wire(server.port)
@@ -56,40 +55,37 @@ def test_sigterm_lets_sessions_finish_then_closes_them_uncommitted(tmp_path):
     assert server.proc.wait(10) == 0
     log = server.proc.stderr.read().decode()
     assert "closing 1 session without committing" in log, log
-    server = Spawned(conf)
-    try:
-        assert count(server.port, "bob") == 1
-        assert count(server.port, "alice") == 2
-    finally:
-        server.stop()
+    server = spawn(conf=server.conf_path)
+    assert count(server.port, "bob") == 1
+    assert count(server.port, "alice") == 2
 
 
-def test_sigterm_with_no_sessions_exits_at_once(tmp_path):
-    server = Spawned(site(tmp_path))
+def test_sigterm_with_no_sessions_exits_at_once(spawn):
+    server = spawn(USERS, BOXES)
     start = time.monotonic()
     assert server.stop() == 0
     assert time.monotonic() - start < 3
 
 
-def test_sighup_reloads_safe_settings(tmp_path):
-    conf = site(tmp_path)
-    server = Spawned(conf)
+def capabilities(w):
+    w.cmd("CAPA")
+    return w.multi()
+
+
+def test_sighup_reloads_safe_settings(spawn):
+    server = spawn(USERS, BOXES)
+    conf = server.conf_path
     try:
-        w = Wire(server.port)
-        w.cmd("CAPA")
-        assert not any(line.startswith(b"IMPLEMENTATION") for line in w.multi())
+        assert not any(line.startswith(b"IMPLEMENTATION") for line in capabilities(Wire(server.port)))
         with open(conf, "a") as f:
             f.write("implementation mpop3-reloaded\nexpire 30\n")
         server.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while True:
-            w = Wire(server.port)
-            w.cmd("CAPA")
-            capa = w.multi()
-            if b"IMPLEMENTATION mpop3-reloaded" in capa:
-                break
-            assert time.monotonic() < deadline, capa
-            time.sleep(0.05)
+
+        def reloaded():
+            capa = capabilities(Wire(server.port))
+            return b"IMPLEMENTATION mpop3-reloaded" in capa and capa
+
+        capa = wait_for(reloaded, seconds=5, interval=0.05)
         assert b"EXPIRE 30" in capa
         # a broken file is refused and the running settings stay
         with open(conf, "a") as f:
@@ -97,8 +93,7 @@ def test_sighup_reloads_safe_settings(tmp_path):
         server.proc.send_signal(signal.SIGHUP)
         time.sleep(0.3)
         w = Wire(server.port)
-        w.cmd("CAPA")
-        assert b"IMPLEMENTATION mpop3-reloaded" in w.multi()
+        assert b"IMPLEMENTATION mpop3-reloaded" in capabilities(w)
         assert w.cmd("USER bob") == replies.OK_USER.wire[:-2]
     finally:
         assert server.stop() == 0
@@ -112,23 +107,20 @@ def greeting_pid(w):
 
 
 @pytest.mark.root
-def test_a_server_process_that_cannot_be_restarted_is_tried_again(tmp_path):
-    conf = site(tmp_path, {"processes": "2"})
-    with open(conf, "a") as f:
-        f.write("> mailbox_user any\n")
-    with Spawned(conf) as server:
+def test_a_server_process_that_cannot_be_restarted_is_tried_again(spawn):
+    server = spawn(USERS, BOXES, {"processes": "2"}, mbox_options=ANY_USER)
+    wait_for(lambda: len(children(server.proc.pid)) == 2)
+    survivor, victim = children(server.proc.pid)
+    with process_limit(server.proc.pid, 1) as set_limit:  # the parent alone: fork fails
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(2.5)  # the replacement is refused at least twice
+        assert server.proc.poll() is None and children(server.proc.pid) == [survivor]
+        # still serving (a connection the kernel gives the victim's sockets waits for its replacement)
+        assert survivor in {greeting_pid(w) for w in answering(server.port, tries=20)}
+        set_limit(20)
         wait_for(lambda: len(children(server.proc.pid)) == 2)
-        survivor, victim = children(server.proc.pid)
-        with process_limit(server.proc.pid, 1) as set_limit:  # the parent alone: fork fails
-            os.kill(victim, signal.SIGKILL)
-            time.sleep(2.5)  # the replacement is refused at least twice
-            assert server.proc.poll() is None and children(server.proc.pid) == [survivor]
-            # still serving (a connection the kernel gives the victim's sockets waits for its replacement)
-            assert survivor in {greeting_pid(w) for w in answering(server.port, tries=20)}
-            set_limit(20)
-            wait_for(lambda: len(children(server.proc.pid)) == 2)
-        assert server.stop() == 0
-        log = server.proc.stderr.read().decode(errors="replace")
+    assert server.stop() == 0
+    log = server.proc.stderr.read().decode(errors="replace")
     assert log.count("cannot start a server process: Resource temporarily unavailable; trying again") >= 2, log
 
 
@@ -141,20 +133,21 @@ def answering(port, tries):
             continue
 
 
-def test_several_server_processes_share_the_sockets(tmp_path):
-    conf = site(tmp_path, {"processes": "3", "shutdown_grace": "1"})
+def test_several_server_processes_share_the_sockets(spawn):
     # spools opened by the server's user: root switches to safe_user after
     # bind (rule 3) and serves many sessions per process
-    with open(conf, "a") as f:
-        f.write("> mailbox_user any\n")
-    server = Spawned(conf)
+    server = spawn(USERS, BOXES, {"processes": "3", "shutdown_grace": "1"}, mbox_options=ANY_USER)
     try:
         held = [Wire(server.port) for _ in range(30)]
         pids = {greeting_pid(w) for w in held}
-        deadline = time.monotonic() + 10  # the other workers may still be starting
-        while len(pids) < 3 and time.monotonic() < deadline:
-            pids.add(greeting_pid(Wire(server.port)))
-            time.sleep(0.01)
+
+        def three():
+            """greetings from three server processes (the others may still be starting)"""
+            if len(pids) < 3:
+                pids.add(greeting_pid(Wire(server.port)))
+            return len(pids) >= 3
+
+        wait_for(three, interval=0.01)
         assert len(pids) == 3 and server.proc.pid not in pids, pids
         # one mailbox, one session, whichever process serves it
         answers = []
@@ -168,13 +161,7 @@ def test_several_server_processes_share_the_sockets(tmp_path):
         # a worker that dies is replaced
         victim = pids.pop()
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while True:
-            fresh = {greeting_pid(Wire(server.port)) for _ in range(20)}
-            if len(fresh - pids - {victim}) >= 1:
-                break
-            assert time.monotonic() < deadline, (fresh, pids, victim)
-            time.sleep(0.2)
+        wait_for(lambda: {greeting_pid(Wire(server.port)) for _ in range(20)} - pids - {victim}, interval=0.2)
         assert count(server.port, "alice") == 2
     finally:
         code = server.stop()

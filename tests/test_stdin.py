@@ -7,10 +7,10 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
-from pop_server import TREE, Wire, free_port, mbox, write_site
+from mbox_helpers import mbox
+from pop_server import TREE, Wire, free_port, listening, wait_for, write_site
 
 MESSAGES = [b"Subject: one\n\n.dot line\nbody one\n", b"Subject: two\n\nbody two\n"]
 
@@ -77,14 +77,7 @@ def test_socat_spawns_a_session_per_connection(conf, mode):
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "socat did not listen"
-                time.sleep(0.05)
+        wait_for(lambda: listening(port), interval=0.05, what="socat to listen")
         p = poplib.POP3("127.0.0.1", port, timeout=20)
         p.user("bob")
         assert p.pass_("pw").startswith(b"+OK maildrop has 2 messages")

@@ -19,11 +19,10 @@ import ssl
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
-from pop_server import TREE, MemoryStorage, ServerThread, Spawned, Wire, free_port, memory_tables, write_site
-from test_clients import EXPECTED, EXPECTED_HEADER_END, MESSAGES, as_crlf, read_dir, run, spool_bytes
+from pop_server import TREE, MemoryStorage, ServerThread, Wire, free_port, memory_tables, wait_for, write_site
+from test_clients import EXPECTED, EXPECTED_HEADER_END, MESSAGES, SPOOL, as_crlf, client_site, read_dir, run
 
 from mpop3 import config, loader
 from mpop3.auth_functions import AuthFunctions
@@ -74,16 +73,13 @@ def tls_settings(certificate, port, **more):
 
 
 @pytest.fixture
-def site(tmp_path, certificate):
+def site(spawn, certificate):
     """The real mpop3 with the tricky mailbox, STLS on its plain port and
     implicit TLS on `tls_port`."""
     tls_port = free_port()
-    conf = write_site(tmp_path, {"bob": "pw"}, {"bob": spool_bytes()}, tls_settings(certificate, tls_port))
-    with Spawned(conf) as server:
-        home = tmp_path / "home"
-        home.mkdir()
-        server.home, server.root, server.tls_port, server.cert = home, tmp_path, tls_port, certificate[0]
-        yield server
+    server = client_site(spawn, tls_settings(certificate, tls_port))
+    server.tls_port, server.cert = tls_port, certificate[0]
+    return server
 
 
 def fetch_all(p):
@@ -203,13 +199,17 @@ def test_mpop(site, starttls):
 # --- STLS done right ---------------------------------------------------------------------------
 
 
+def bob_tables():
+    """bob (password secret) with one message."""
+    return memory_tables({"bob": "secret"}, {"bob": [b"Subject: hi\n\nbody\n"]})
+
+
 @pytest.fixture
-def tls_server(certificate):
-    tables = memory_tables({"bob": "secret"}, {"bob": [b"Subject: hi\n\nbody\n"]})
-    with ServerThread(tables, tls_settings(certificate, free_port())) as server:
-        server.cert = certificate[0]
-        server.tls_port = server.conf.listen_tls[0][1]
-        yield server
+def tls_server(server_thread, certificate):
+    server = server_thread(bob_tables(), tls_settings(certificate, free_port()))
+    server.cert = certificate[0]
+    server.tls_port = server.conf.listen_tls[0][1]
+    return server
 
 
 def read_for(sock, seconds):
@@ -310,8 +310,7 @@ def test_tls_min_version_1_3_refuses_1_2(certificate):
 
 
 def test_plaintext_auth_no_refuses_cleartext_until_tls(certificate):
-    tables = memory_tables({"bob": "secret"}, {"bob": [b"Subject: hi\n\nbody\n"]})
-    with ServerThread(tables, tls_settings(certificate, free_port(), plaintext_auth="no")) as server:
+    with ServerThread(bob_tables(), tls_settings(certificate, free_port(), plaintext_auth="no")) as server:
         w = Wire(server.port)
         w.cmd("CAPA")
         capa = w.multi()
@@ -394,7 +393,7 @@ def test_cleartext_refused_from_a_non_loopback_address_but_allowed_over_tls(tmp_
     conf = write_site(
         tmp_path,
         {"bob": "pw"},
-        {"bob": spool_bytes()},
+        {"bob": SPOOL},
         {**tls_settings(certificate, tls_port), "listen_tls": f"10.231.0.1:{tls_port}", "listen": f"10.231.0.1:{port}"},
     )
     server = subprocess.Popen(
@@ -402,14 +401,17 @@ def test_cleartext_refused_from_a_non_loopback_address_but_allowed_over_tls(tmp_
     )
     try:
         client = [sys.executable, "-c", NETNS_CLIENT, "10.231.0.1", str(port), str(tls_port), certificate[0]]
-        deadline = time.monotonic() + 15
-        while True:
+
+        def answered():
+            """the client in the other namespace to be served (or the server to end)"""
             result = subprocess.run(
                 ["ip", "netns", "exec", client_ns, *client], capture_output=True, cwd=TREE, timeout=30
             )
-            if result.returncode == 0 or time.monotonic() > deadline or server.poll() is not None:
-                break
-            time.sleep(0.2)  # not listening yet
+            if result.returncode == 0 or server.poll() is not None:
+                return result
+            return None  # not listening yet
+
+        result = wait_for(answered, seconds=15, interval=0.2)
         assert result.returncode == 0, result.stderr.decode()
         out = json.loads(result.stdout)
     finally:
@@ -432,10 +434,8 @@ def b64(data):
 
 
 @pytest.fixture
-def sasl_server():
-    tables = memory_tables({"bob": "secret"}, {"bob": [b"Subject: hi\n\nbody\n"]})
-    with ServerThread(tables) as server:
-        yield server
+def sasl_server(server_thread):
+    return server_thread(bob_tables())
 
 
 def pop(server):
@@ -582,8 +582,7 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(tmp_path, cert
     path.write_text(
         f"listen 127.0.0.1:{free_port()}\nlisten_tls 127.0.0.1:{tls_port}\ntls_cert {live_cert}\ntls_key {live_key}\n"
     )
-    tables = memory_tables({"bob": "secret"}, {"bob": [b"Subject: hi\n\nbody\n"]})
-    server = ServerThread(tables)
+    server = ServerThread(bob_tables())
     server.conf = config.load(str(path))
     with server:
         trust_both = client_context(cert_a[0])
@@ -609,16 +608,14 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(tmp_path, cert
         assert old.quit().startswith(b"+OK")
 
 
-def test_sighup_reloads_the_certificate_of_the_mpop3_command(tmp_path, certificate):
+def test_sighup_reloads_the_certificate_of_the_mpop3_command(tmp_path, spawn, certificate):
     """The same through the real command, whatever its process model (as
     root: a process per session, forked by a listener that holds the context)."""
     cert_b = make_certificate(tmp_path, "second")
     live = tmp_path / "live.pem"
     live.write_bytes(open(certificate[1], "rb").read() + open(certificate[0], "rb").read())
     tls_port = free_port()
-    conf = write_site(
-        tmp_path, {"bob": "pw"}, {"bob": spool_bytes()}, {"tls_cert": str(live), "listen_tls": f"127.0.0.1:{tls_port}"}
-    )
+    server = spawn({"bob": "pw"}, {"bob": SPOOL}, {"tls_cert": str(live), "listen_tls": f"127.0.0.1:{tls_port}"})
     trust_both = client_context(certificate[0])
     trust_both.load_verify_locations(cert_b[0])
 
@@ -628,19 +625,15 @@ def test_sighup_reloads_the_certificate_of_the_mpop3_command(tmp_path, certifica
         p.quit()
         return name
 
-    with Spawned(conf) as server:
-        old = poplib.POP3_SSL("127.0.0.1", tls_port, context=trust_both, timeout=10)
-        old.user("bob")
-        old.pass_("pw")
-        assert subject() == "mpop3-test"
-        live.write_bytes(open(cert_b[1], "rb").read() + open(cert_b[0], "rb").read())
-        server.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while subject() != "second" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert subject() == "second"
-        assert b"\r\n".join(old.retr(1)[1]) + b"\r\n" == as_crlf(MESSAGES[0])  # not dropped
-        assert old.quit().startswith(b"+OK")
+    old = poplib.POP3_SSL("127.0.0.1", tls_port, context=trust_both, timeout=10)
+    old.user("bob")
+    old.pass_("pw")
+    assert subject() == "mpop3-test"
+    live.write_bytes(open(cert_b[1], "rb").read() + open(cert_b[0], "rb").read())
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: subject() == "second", interval=0.1)
+    assert b"\r\n".join(old.retr(1)[1]) + b"\r\n" == as_crlf(MESSAGES[0])  # not dropped
+    assert old.quit().startswith(b"+OK")
 
 
 @pytest.mark.clients
@@ -648,7 +641,7 @@ def test_stdin_mode_on_a_listen_tls_port_is_implicit_tls(tmp_path, certificate):
     """inetd or systemd Accept=yes on port 995: `mpop3 -s` gets the TCP
     socket, sees that its port is a listen_tls address, and does TLS first."""
     port = free_port()
-    conf = write_site(tmp_path, {"bob": "pw"}, {"bob": spool_bytes()}, tls_settings(certificate, port))
+    conf = write_site(tmp_path, {"bob": "pw"}, {"bob": SPOOL}, tls_settings(certificate, port))
     command = f"{sys.executable} -m mpop3 -c {conf} -s"
     socat = subprocess.Popen(
         ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"EXEC:{command},nofork"],
@@ -656,14 +649,15 @@ def test_stdin_mode_on_a_listen_tls_port_is_implicit_tls(tmp_path, certificate):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
+
+        def connected():
+            """socat to listen and the session it starts to do TLS"""
             try:
-                p = poplib.POP3_SSL("127.0.0.1", port, timeout=20, context=client_context(certificate[0]))
-                break
+                return poplib.POP3_SSL("127.0.0.1", port, timeout=20, context=client_context(certificate[0]))
             except (OSError, EOFError):
-                assert time.monotonic() < deadline, "socat did not listen"
-                time.sleep(0.1)
+                return None
+
+        p = wait_for(connected, interval=0.1)
         assert fetch_all(p) == [as_crlf(m) for m in MESSAGES]
     finally:
         socat.terminate()
