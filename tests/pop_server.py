@@ -18,7 +18,6 @@ import asyncio
 import inspect
 import os
 import pathlib
-import re
 import socket
 import subprocess
 import sys
@@ -403,7 +402,3 @@ class Spawned:
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def strip_trailing_blank(message):
-    return re.sub(rb"\n+\Z", b"\n", message)

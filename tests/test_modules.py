@@ -17,6 +17,13 @@ from mpop3 import config, loader
 pytestmark = pytest.mark.slow  # modules built with make, the mpop3 command
 
 
+def refused(tmp_path, text, pattern, line=1):
+    """`mpop3 --check-config` on a configuration of `text` stops with one
+    line naming line `line` and matching `pattern`."""
+    path = write_conf(tmp_path, text)
+    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:{line}", pattern)
+
+
 def load(text):
     return loader.load_modules(config.parse(text, "test.conf"))
 
@@ -95,19 +102,18 @@ def test_module_mk_makefile_is_two_lines(test_modules):
 
 
 def test_abi_mismatch_is_refused(tmp_path, test_modules):
-    path = write_conf(tmp_path, f"# x\nauth_module {test_modules['wrong_abi']}\n")
-    assert_one_line_error(
-        run_mpop3("--check-config", "-c", path),
-        f"{path}:2",
+    refused(
+        tmp_path,
+        f"# x\nauth_module {test_modules['wrong_abi']}\n",
         r"wrong_abi\.so: built for module ABI 99, this mpop3 speaks ABI 1; rebuild it",
+        line=2,
     )
 
 
 def test_failing_init_is_refused(tmp_path, test_modules):
-    path = write_conf(tmp_path, f"storage_module {test_modules['failing_init']}\n")
-    assert_one_line_error(
-        run_mpop3("--check-config", "-c", path),
-        f"{path}:1",
+    refused(
+        tmp_path,
+        f"storage_module {test_modules['failing_init']}\n",
         r"failing_init\.so: init failed: setting 'needed' is required",
     )
     # with the setting it loads
@@ -116,10 +122,9 @@ def test_failing_init_is_refused(tmp_path, test_modules):
 
 
 def test_extension_without_declarations_is_not_a_module(tmp_path, test_modules):
-    path = write_conf(tmp_path, f"auth_module {test_modules['not_a_module']}\n")
-    assert_one_line_error(
-        run_mpop3("--check-config", "-c", path),
-        f"{path}:1",
+    refused(
+        tmp_path,
+        f"auth_module {test_modules['not_a_module']}\n",
         r"not_a_module\.so: not an mpop3 module \(no MPOP3_MODULE_CLASS",
     )
 
@@ -127,24 +132,22 @@ def test_extension_without_declarations_is_not_a_module(tmp_path, test_modules):
 def test_garbage_file_is_not_a_module(tmp_path):
     garbage = tmp_path / "garbage.so"
     garbage.write_text("this is not a shared object\n")
-    path = write_conf(tmp_path, f"auth_module {garbage}\n")
-    assert_one_line_error(
-        run_mpop3("--check-config", "-c", path), f"{path}:1", r"garbage\.so: not an mpop3 module \(cannot load it"
-    )
+    refused(tmp_path, f"auth_module {garbage}\n", r"garbage\.so: not an mpop3 module \(cannot load it")
 
 
 def test_module_of_the_wrong_class_by_path(tmp_path, test_modules):
-    path = write_conf(tmp_path, f"auth_module {test_modules['failing_init']}\n> needed 1\n")
-    assert_one_line_error(run_mpop3("--check-config", "-c", path), f"{path}:1", r"is a 'storage' module, not 'auth'")
+    refused(tmp_path, f"auth_module {test_modules['failing_init']}\n> needed 1\n", r"is a 'storage' module, not 'auth'")
 
 
 def test_module_dir_is_where_bare_names_are_found(tmp_path, test_modules):
     moddir = os.path.dirname(test_modules["second_auth"])
     tables = load(f"module_dir {moddir}\nauth_module second_auth\n")
     assert tables.auth.auth_need_root() is True
-    path = write_conf(tmp_path, f"module_dir {tmp_path}\nauth_module auth_file\n")
-    assert_one_line_error(
-        run_mpop3("--check-config", "-c", path), f"{path}:2", rf"module {tmp_path}/auth_file\.so: no such file"
+    refused(
+        tmp_path,
+        f"module_dir {tmp_path}\nauth_module auth_file\n",
+        rf"module {tmp_path}/auth_file\.so: no such file",
+        line=2,
     )
 
 
@@ -210,10 +213,9 @@ def test_a_module_built_for_another_python_is_reported_as_such(tmp_path):
     record = '__attribute__((used)) static const char r[] = "mpop3-module-built-for-python:3.99;";'
     module = build_c_module(tmp_path, record)
     ours = f"{sys.version_info.major}.{sys.version_info.minor}"
-    path = write_conf(tmp_path, f"auth_module {module}\n")
-    assert_one_line_error(
-        run_mpop3("--check-config", "-c", path),
-        f"{path}:1",
+    refused(
+        tmp_path,
+        f"auth_module {module}\n",
         rf"other_python\.so: built for Python 3\.99, but this mpop3 runs Python {ours}: "
         r"rebuild it with this mpop3's module\.mk \(cannot load it: .*undefined symbol",
     )
@@ -221,10 +223,9 @@ def test_a_module_built_for_another_python_is_reported_as_such(tmp_path):
 
 def test_a_module_without_the_record_that_misses_python_symbols_is_probably_for_another_python(tmp_path):
     module = build_c_module(tmp_path, "")
-    path = write_conf(tmp_path, f"auth_module {module}\n")
-    assert_one_line_error(
-        run_mpop3("--check-config", "-c", path),
-        f"{path}:1",
+    refused(
+        tmp_path,
+        f"auth_module {module}\n",
         r"other_python\.so: built for another Python than this mpop3's 3\.\d+, it seems",
     )
 
