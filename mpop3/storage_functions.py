@@ -115,3 +115,15 @@ class StorageFunctions(FunctionTable):
         """Release the mailbox; called exactly once per successful
         storage_lock_mailbox(), after storage_synch() if there was one.
         Default: nothing to do."""
+
+    def storage_recover(self):
+        """Finish what a crash left half done, before any session starts.
+
+        Called once when a server starts listening (not in stdin mode, where
+        each session's process starts on its own), before it accepts a
+        connection: as root if the server was started as root, and before
+        it gives root up, so a module must itself act as each mailbox's
+        owner (and must not trust what less privileged users could have
+        planted). Errors are the module's to log; it should raise nothing.
+        Default: nothing to do.
+        """

@@ -46,6 +46,7 @@ def run(conf, tables, stdin_mode=False):
     # A client may connect as soon as we listen, and a SIGTERM may follow:
     # hold our signals until something handles them.
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    recover(tables)
     per_session = plan is not None and plan.process_per_session
     processes = 1 if per_session else conf.values["processes"]
     try:
@@ -73,6 +74,14 @@ def run(conf, tables, stdin_mode=False):
 
         return Prefork(conf, socket_sets, serve_worker).run()
     return serve_shared(conf, tables, socket_sets[0])
+
+
+def recover(tables):
+    """Let storage finish what a crash left half done, before anyone connects."""
+    try:
+        tables.storage.storage_recover()
+    except Exception:
+        log.exception("the storage module failed to recover at start-up; going on")
 
 
 def serve_shared(conf, tables, sockets, tally=None, channel=None):
