@@ -78,6 +78,14 @@ def expire_policy(text):
     return whole_number(text)
 
 
+def prefix_length(text):
+    """An IPv6 prefix length, 1-128."""
+    number = positive_int(text)
+    if number > 128:
+        raise ValueError(f"{text} is not an IPv6 prefix length (1-128)")
+    return number
+
+
 def process_count(text):
     """A number of processes, or `auto`: one per CPU."""
     if text == "auto":
@@ -149,10 +157,15 @@ DIRECTIVES = {
         Directive("login_fail_delay", seconds, 2.0, reloadable=True),
         Directive("login_fail_delay_max", seconds, 15.0, reloadable=True),
         Directive("idle_timeout", seconds, 600.0, reloadable=True),
+        Directive("login_timeout", seconds, 60.0, reloadable=True),
+        Directive("tls_handshake_timeout", seconds, 10.0, reloadable=True),
         Directive("max_sessions", positive_int, 1000, reloadable=True),
         Directive("max_sessions_per_ip", positive_int, 32, reloadable=True),
+        Directive("max_login_attempts_per_ip", positive_int, 3, reloadable=True),
+        Directive("ipv6_prefix", prefix_length, 64),
         Directive("shutdown_grace", seconds, 10.0, reloadable=True),
         Directive("worker_threads", positive_int, 8),
+        Directive("login_queue", positive_int, 64),
         Directive("processes", process_count, process_count("auto")),
         Directive("login_delay", whole_number, 0, reloadable=True),
         Directive("state_dir", path, "/var/lib/mpop3"),
@@ -174,7 +187,7 @@ DIRECTIVES = {
 }
 RELOADABLE = tuple(name for name, d in DIRECTIVES.items() if d.reloadable)
 # changed in the file, these are only noted at a reload: they need a restart
-RESTART_NEEDED = ("listen_tls", "worker_threads", "processes")
+RESTART_NEEDED = ("listen_tls", "worker_threads", "processes", "login_queue", "ipv6_prefix")
 
 MODULE_DIRECTIVES = {"auth_module": "auth", "storage_module": "storage"}
 

@@ -42,5 +42,9 @@ class LoginFailed(Exception):
     """Credentials did not check out (unknown user or wrong password)."""
 
 
+class LoginsBusy(Exception):
+    """Too many logins wait to be checked: answer -ERR [SYS/TEMP] at once."""
+
+
 class BadMailboxName(Exception):
     """An auth module gave a mailbox name that is not safe as a file name."""

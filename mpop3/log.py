@@ -3,6 +3,7 @@
 import logging
 import logging.handlers
 import socket
+import time
 
 from .errors import ConfigError
 
@@ -41,3 +42,34 @@ def reload_level(running, new):
     the level as it is (so -d's debug stays)."""
     if new.values["log_level"] != running.values["log_level"]:
         logging.getLogger("mpop3").setLevel(LEVELS[new.values["log_level"]])
+
+
+class RateLimited:
+    """Log lines that clients can cause, at most one per `interval` seconds
+    per kind, so a flood cannot fill the disk or drown the other lines; the
+    next line that goes out says how many were left out meanwhile."""
+
+    def __init__(self, logger, interval=10.0, clock=time.monotonic):
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self.kinds = {}  # kind -> [when the last line went out, lines left out since]
+
+    def log(self, level, kind, message, *args):
+        now = self.clock()
+        entry = self.kinds.get(kind)
+        if entry is not None and now - entry[0] < self.interval:
+            entry[1] += 1
+            return
+        left_out = entry[1] if entry is not None else 0
+        self.kinds[kind] = [now, 0]
+        if left_out:
+            message += " (%d more like it in the last %g s not logged)"
+            args = (*args, left_out, self.interval)
+        self.logger.log(level, message, *args)
+
+    def warning(self, kind, message, *args):
+        self.log(logging.WARNING, kind, message, *args)
+
+    def error(self, kind, message, *args):
+        self.log(logging.ERROR, kind, message, *args)

@@ -10,7 +10,7 @@ import sys
 
 import pop_server
 import pytest
-from pop_server import ServerThread, Spawned, write_site
+from pop_server import ServerThread, Spawned, make_certificate, write_site
 
 from mpop3.server import privs
 
@@ -109,3 +109,10 @@ def server_thread():
     and on the loop `loop_kind` chose, stopped when the test ends."""
     with contextlib.ExitStack() as started:
         yield lambda tables, extra=None: started.enter_context(ServerThread(tables, extra))
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    """(certificate, key) files: a self-signed ECDSA certificate for
+    localhost and 127.0.0.1, made with the openssl command."""
+    return make_certificate(tmp_path_factory.mktemp("tls"), "mpop3-test")

@@ -218,8 +218,11 @@ class ServerThread:
 class Wire:
     """A raw POP3 connection: send bytes, read lines and multi-line replies."""
 
-    def __init__(self, port, host="127.0.0.1", timeout=5):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port, host="127.0.0.1", timeout=5, source=None):
+        """`source`: the client's own address (127.0.0.2, say: another client)."""
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.buf = b""
         self.greeting = self.line()
 
@@ -402,3 +405,32 @@ class Spawned:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def make_certificate(directory, name):
+    cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:10.231.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)

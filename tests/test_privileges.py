@@ -124,6 +124,7 @@ def test_a_lying_session_process_cannot_hurt_the_listener(spawn, test_modules):
         assert w.cmd("PASS x").startswith(b"-ERR [AUTH]")  # its own copy of the delays decided
         assert server.proc.poll() is None
         w.login("vera", "pw")  # the session itself goes on
+        w.cmd("QUIT")  # and lets the mailbox go before the next one logs in
     w = Wire(server.port)
     w.login("vera", "pw")
     assert w.cmd("STAT").startswith(b"+OK 2 ")

@@ -21,46 +21,22 @@ import sys
 import textwrap
 
 import pytest
-from pop_server import TREE, MemoryStorage, ServerThread, Wire, free_port, memory_tables, wait_for, write_site
+from pop_server import (
+    TREE,
+    MemoryStorage,
+    ServerThread,
+    Wire,
+    free_port,
+    make_certificate,
+    memory_tables,
+    wait_for,
+    write_site,
+)
 from test_clients import EXPECTED, EXPECTED_HEADER_END, MESSAGES, SPOOL, as_crlf, client_site, read_dir, run
 
 from mpop3 import config, loader
 from mpop3.auth_functions import AuthFunctions
 from mpop3.protocol import replies
-
-
-def make_certificate(directory, name):
-    cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "2",
-            "-subj",
-            f"/CN={name}",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:10.231.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return str(cert), str(key)
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    return make_certificate(tmp_path_factory.mktemp("tls"), "mpop3-test")
 
 
 def client_context(cert):

@@ -39,7 +39,7 @@ another process, to open the mailbox and serve the rest.
 import logging
 from dataclasses import dataclass
 
-from ..errors import BadMailboxName, StorageTempError
+from ..errors import StorageTempError
 from . import replies, sasl
 from ._parser import TOO_LONG, UNKNOWN, parse_command
 from .commands import AUTHORIZATION, CLOSED, COMMANDS, TRANSACTION, UPDATE, State
@@ -310,8 +310,6 @@ class SessionCore:
         not to be opened, a module's unsafe mailbox name, an internal error."""
         self.busy = False
         self.mailbox = None
-        if isinstance(error, BadMailboxName):
-            return [replies.ERR_BAD_MAILBOX.wire]
         return [replies.error_reply(error).wire]
 
     def mailbox_opened(self, sizes, uidl_supported):

@@ -9,7 +9,7 @@ Never put exception text or class names in a reply.
 
 import base64
 
-from ..errors import LoginDelay, MailboxInUse, StoragePermError, StorageTempError
+from ..errors import BadMailboxName, LoginDelay, LoginsBusy, MailboxInUse, StoragePermError, StorageTempError
 from .commands import CAPABILITIES, COMMANDS
 
 CRLF = b"\r\n"
@@ -42,6 +42,7 @@ GREETING = b"mpop3 ready"
 ERR_TOO_MANY_SESSIONS = Reply(False, b"too many sessions, try again later", "SYS/TEMP")
 ERR_TOO_MANY_FROM_YOU = Reply(False, b"too many sessions from your address, try again later", "SYS/TEMP")
 ERR_SHUTTING_DOWN = Reply(False, b"server shutting down, try again later", "SYS/TEMP")
+ERR_BUSY = Reply(False, b"too many logins at once, try again later", "SYS/TEMP")
 ERR_NO_SESSION_PROCESS = Reply(False, b"no session can be started now, try again later", "SYS/TEMP")
 
 # --- AUTHORIZATION ---------------------------------------------------------
@@ -121,6 +122,7 @@ ERR_TOO_LONG = Reply(False, b"command line too long")
 ERR_TOO_LONG_BYE = Reply(False, b"command lines too long, goodbye")
 ERR_TOO_MANY_BAD = Reply(False, b"too many bad commands, goodbye")
 ERR_IDLE = Reply(False, b"idle for too long, goodbye", "SYS/TEMP")
+ERR_LOGIN_TIMEOUT = Reply(False, b"no login in time, goodbye")
 ERR_TEMP = Reply(False, b"temporary failure, try again later", "SYS/TEMP")
 ERR_PERM = Reply(False, b"permanent failure", "SYS/PERM")
 ERR_INTERNAL = Reply(False, b"internal error", "SYS/TEMP")
@@ -139,6 +141,10 @@ def error_reply(exc):
         return ERR_TEMP
     if isinstance(exc, StoragePermError):
         return ERR_PERM
+    if isinstance(exc, BadMailboxName):
+        return ERR_BAD_MAILBOX
+    if isinstance(exc, LoginsBusy):
+        return ERR_BUSY
     return ERR_INTERNAL
 
 

@@ -19,10 +19,11 @@ import logging
 import ssl
 from collections import deque
 
-from ..errors import BadMailboxName, LoginDelay, LoginFailed, MailboxInUse, StorageError
+from ..errors import BadMailboxName, LoginDelay, LoginFailed, LoginsBusy, MailboxInUse, StorageError
 from ..protocol import replies
 from ..protocol._parser import LineReader
 from ..protocol.core import (
+    AUTHORIZATION,
     CLOSE,
     LOAD_UIDS,
     START_TLS,
@@ -54,8 +55,6 @@ CHUNKS_PER_TURN = 8
 # session's memory); 256 KiB rather than the default 64 KiB keeps fast
 # clients streaming instead of stopping and starting.
 WRITE_BUFFER_HIGH = 256 * 1024
-# The longest a TLS handshake may take (the idle sweep does not see it).
-TLS_HANDSHAKE_TIMEOUT = 60.0
 
 
 class Connection:
@@ -81,10 +80,17 @@ class Connection:
         "closed_waiter",
         "counted",
         "opened",
+        "attempt",
+        "admitted",
+        "started",
     )
 
-    def __init__(self, service):
+    def __init__(self, service, admitted=None, started=None):
+        """`admitted`: the client address the service counted at accept
+        (accept.py), else the connection asks for admission when it is made;
+        `started`: loop.time() of the accept."""
         self.service = service
+        self.admitted = admitted
         self.loop = service.loop
         self.transport = None
         self.peer = "?"
@@ -103,13 +109,15 @@ class Connection:
         self.closed_waiter = None  # a future a one-session process waits on
         self.counted = False  # admitted: the service counts us
         self.opened = None  # a jobs.Opened the login job got ahead of the core
+        self.attempt = None  # the login being checked (logins.Attempt)
+        self.started = started  # loop.time() of the accept: login_timeout counts from it
 
     # --- connection events ---------------------------------------------------
 
     def connection_made(self, transport):
         self.transport = transport
         service = self.service
-        self.peer = peer = peer_address(transport)
+        self.peer = peer = self.admitted or peer_address(transport)
         refusal = service.admit(self)
         if refusal is not None:
             self.closed = True
@@ -118,6 +126,8 @@ class Connection:
             return
         self.counted = True
         self.last_active = self.loop.time()
+        if self.started is None:
+            self.started = self.last_active
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         secure = transport.get_extra_info("ssl_object") is not None  # implicit TLS (RFC 8314)
         timestamp = service.tables.auth.auth_timestamp()
@@ -149,11 +159,19 @@ class Connection:
         # The client will send nothing more: finish what it sent, then close.
         # Keeping the transport open lets a pipelined QUIT still be answered.
         self.eof = True
+        if self.attempt is not None and self.attempt.cancel():
+            # hung up before its password was checked (a guesser who does
+            # not wait for answers): it never will be, and nobody is left
+            # to answer
+            self.attempt = None
+            self.close()
+            return True
         if self.core is not None and not self.core.busy:
             self.run()
         return True
 
     def connection_lost(self, exc):
+        self.withdraw_login()
         self.release()  # without committing (a commit under way holds its own handle)
         self.closed = True
         self.stream = None
@@ -231,9 +249,16 @@ class Connection:
         self.flush()
         self.closed = True
         self.core.closed()
+        self.withdraw_login()
         self.release()
         self.stream = None
         self.transport.close()
+
+    def withdraw_login(self):
+        """The client is gone: a password not yet checked never will be."""
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.cancel()
 
     def release(self):
         """Give the mailbox back without committing."""
@@ -244,10 +269,18 @@ class Connection:
             except Exception:
                 log.exception("%s: unlocking mailbox %s failed", self.peer, self.core.mailbox)
 
-    def idle_check(self, now, timeout):
-        """Called by the service's idle sweep: close if idle too long. Time
-        spent waiting on our own work (hashing, opening) is not idleness."""
-        if self.closed or (self.core.busy and self.stream is None):
+    def idle_check(self, now, timeout, login_timeout):
+        """Called by the service's idle sweep: close a session not logged in
+        login_timeout after the accept (whatever it does meanwhile), or idle
+        for `timeout`. Time spent waiting on our own work (hashing, opening)
+        is not idleness."""
+        if self.closed:
+            return
+        if self.core.state is AUTHORIZATION and now - self.started >= login_timeout:
+            log.info("%s: not logged in after %.1f s, closing", self.peer, now - self.started)
+            self.close(replies.ERR_LOGIN_TIMEOUT)
+            return
+        if self.core.busy and self.stream is None:
             return
         idle = now - self.last_active
         if idle >= timeout:
@@ -263,18 +296,25 @@ class Connection:
     # --- logging in -------------------------------------------------------------
 
     def check_login(self, action):
+        """The limits decide when (mpop3/server/logins.py); then one job
+        checks the credentials and, since good ones are always followed by
+        OpenMailbox, opens the mailbox too."""
         service = self.service
-        service.workers.submit(
+        group = service.logins.group(self.peer)
+        self.attempt = service.logins.submit(
+            group,
+            action.user,
             lambda result, exc: self.login_checked(result, exc, action),
             jobs.log_in,
             service.tables,
             service.limits,
-            self.peer,
+            group,
             action,
             service.before_open,
         )
 
     def login_checked(self, result, exc, action):
+        self.attempt = None
         if exc is None:
             mailbox, opened = result
             if self.closed:
@@ -293,6 +333,9 @@ class Connection:
                 delay,
             )
             self.loop.call_later(delay, self.login_failed)
+        elif isinstance(exc, LoginsBusy):
+            log.warning("%s: refused a login: too many logins waiting to be checked", self.peer)
+            self.answer(self.core.login_refused(exc))
         else:
             self.login_refused(exc, action.user)
 
@@ -477,7 +520,7 @@ class Connection:
 
     async def handshake(self):
         clear = self.transport
-        timeout = min(TLS_HANDSHAKE_TIMEOUT, max(1.0, self.service.settings.idle_timeout))
+        timeout = max(0.1, self.service.settings.tls_handshake_timeout)
         try:
             transport = await self.loop.start_tls(
                 clear, self, self.service.tls_context, server_side=True, ssl_handshake_timeout=timeout

@@ -2,9 +2,10 @@
 in a worker (mpop3/server/workers.py), off the event loop, and returns what
 the connection feeds back to the core.
 
-- check_login: CheckLogin. The auth table checks the credentials; a
-  failure asks the throttle how long to delay the answer; a success is
-  held to the mailbox name rules and to LOGIN-DELAY.
+- check_login: CheckLogin. The auth table checks the credentials (the
+  wait before that is LoginChecks', mpop3/server/logins.py); a failure asks
+  the throttle how long to delay the answer; a success clears the user's
+  failures and is held to the mailbox name rules and to LOGIN-DELAY.
 - open_mailbox: OpenMailbox. Gives up root if this process must (a hook,
   mpop3/server/privs.py), then locks and indexes the mailbox.
 - log_in: both in one job. Good credentials are always followed by
@@ -36,9 +37,10 @@ class Limits:
     login_delay: int  # seconds; 0: off
 
 
-def check_login(auth, limits, peer, action):
+def check_login(auth, limits, group, action):
     """The mailbox name for good credentials. LoginFailed(delay) for bad
-    ones, LoginDelay or BadMailboxName when the login may not go on."""
+    ones, LoginDelay or BadMailboxName when the login may not go on.
+    `group`: the client's address group, as the throttle knows it."""
     user = decode(action.user)
     secret = decode(action.secret)
     if action.method == core.PASSWORD:
@@ -47,8 +49,11 @@ def check_login(auth, limits, peer, action):
         mailbox = apop_check(auth, user, secret, action.challenge)
     else:
         mailbox = cram_md5_check(auth, user, secret, action.challenge)
+    throttle = limits.throttle
+    user_key = throttle.user_key(action.user)
     if mailbox is None:
-        raise LoginFailed(limits.throttle.failed(peer, action.user, action.secret))
+        raise LoginFailed(throttle.failed(group, user_key, throttle.mark(action.user, action.secret)))
+    throttle.succeeded(group, user_key)
     if not valid_mailbox_name(mailbox):
         raise BadMailboxName(mailbox)
     if auth.auth_login_delay_needed(user) > 0 or limits.clock.wait_needed(mailbox, limits.login_delay) > 0:
@@ -68,17 +73,22 @@ class Opened:
     error: Exception | None = None
 
 
-def log_in(tables, limits, peer, action, before_open=None):
+def log_in(tables, limits, group, action, before_open=None, checked=None):
     """check_login, then open_mailbox: (mailbox, Opened). Bad credentials
-    raise as check_login does; a mailbox that does not open is in Opened."""
-    mailbox = check_login(tables.auth, limits, peer, action)
+    raise as check_login does; a mailbox that does not open is in Opened.
+    checked(), if given, is called between the two (LoginChecks' slot)."""
     try:
-        return mailbox, open_mailbox(tables.storage, limits, peer, mailbox, before_open)
+        mailbox = check_login(tables.auth, limits, group, action)
+    finally:
+        if checked is not None:
+            checked()
+    try:
+        return mailbox, open_mailbox(tables.storage, limits, mailbox, before_open)
     except Exception as e:
         return mailbox, Opened(mailbox, error=e)
 
 
-def open_mailbox(storage, limits, peer, mailbox, before_open=None):
+def open_mailbox(storage, limits, mailbox, before_open=None):
     """The opened mailbox, as an Opened.
     `before_open(mailbox)`, if given, is where a process gives up root."""
     if before_open is not None:
@@ -94,7 +104,6 @@ def open_mailbox(storage, limits, peer, mailbox, before_open=None):
         storage.storage_unlock_mailbox(handle)
         raise
     limits.clock.logged_in(mailbox, limits.login_delay)
-    limits.throttle.succeeded(peer)
     return Opened(mailbox, handle, sizes, uidl)
 
 

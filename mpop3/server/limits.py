@@ -4,7 +4,9 @@ path tricks. Every process model uses these same classes; where a model
 has several processes, the ones that must see every session live in the
 parent (mpop3/server/supervisor.py)."""
 
+import functools
 import hashlib
+import ipaddress
 import logging
 import os
 import threading
@@ -15,13 +17,35 @@ from ..protocol import replies
 
 log = logging.getLogger("mpop3.server")
 
-# A client address is forgotten this long after its last failed login.
+# A client's failures are forgotten this long after the last one.
 FAILURE_MEMORY = 900.0
-# At most this many addresses are remembered (the oldest go first), so a
-# botnet cannot make the table grow without bound.
-MAX_ADDRESSES = 20000
-# Distinct wrong passwords remembered per address (to spot a repeat).
-FINGERPRINTS_PER_ADDRESS = 8
+# At most this many (address, user) records and addresses are remembered
+# (the oldest go first), so a botnet cannot make the tables grow without bound.
+MAX_RECORDS = 20000
+# Distinct wrong passwords remembered per (address, user), to spot a repeat.
+FINGERPRINTS = 8
+# Users with failures from one address before the address itself is slowed
+# down (password spraying: a few passwords tried on many users).
+SPRAY_USERS = 3
+SPRAY_MEMORY = 64  # failing users remembered per address
+
+
+@functools.lru_cache(maxsize=8192)
+def address_group(address, ipv6_prefix=64):
+    """The key per-address limits count under: an IPv4 address as it is,
+    an IPv6 address as its /ipv6_prefix network (a site gets a /64 or more,
+    so one client could otherwise use as many addresses as it likes), an
+    IPv4-mapped IPv6 address as the IPv4 address; anything else (a pipe's
+    "stdin", a UNIX socket) as it is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/{ipv6_prefix}", strict=False))
+    return str(ip)
 
 
 class Admission:
@@ -31,12 +55,13 @@ class Admission:
     (prefork.SessionTally) for max_sessions; per address, the sessions
     counted are this object's."""
 
-    def __init__(self, max_sessions, max_per_address, tally=None):
+    def __init__(self, max_sessions, max_per_address, tally=None, ipv6_prefix=64):
         self.max_sessions = max_sessions
         self.max_per_address = max_per_address
         self.tally = tally
+        self.ipv6_prefix = ipv6_prefix
         self.sessions = 0
-        self.per_address = {}
+        self.per_address = {}  # address group -> sessions
 
     def admit(self, address):
         """None, having counted the session in; or the reply that refuses it."""
@@ -44,21 +69,23 @@ class Admission:
         if open_now >= self.max_sessions:
             log.warning("%s: refused, %d sessions already", address, open_now)
             return replies.ERR_TOO_MANY_SESSIONS
-        count = self.per_address.get(address, 0)
+        group = address_group(address, self.ipv6_prefix)
+        count = self.per_address.get(group, 0)
         if count >= self.max_per_address:
-            log.warning("%s: refused, %d sessions from there already", address, count)
+            log.warning("%s: refused, %d sessions from %s already", address, count, group)
             return replies.ERR_TOO_MANY_FROM_YOU
-        self.per_address[address] = count + 1
+        self.per_address[group] = count + 1
         self.count(+1)
         return None
 
     def release(self, address):
         self.count(-1)
-        count = self.per_address.get(address, 1) - 1
+        group = address_group(address, self.ipv6_prefix)
+        count = self.per_address.get(group, 1) - 1
         if count > 0:
-            self.per_address[address] = count
+            self.per_address[group] = count
         else:
-            self.per_address.pop(address, None)
+            self.per_address.pop(group, None)
 
     def count(self, change):
         self.sessions += change
@@ -67,58 +94,113 @@ class Admission:
 
 
 class LoginThrottle:
-    """Delays for failed logins, per client address.
+    """Failed-login delays, per (client address group, user).
 
-    Each distinct failure from an address doubles the delay, from `base` up
-    to `maximum`. A failure repeating one of the address's recent wrong
-    (user, password) pairs is a misconfigured client retrying, not someone
-    guessing: it is delayed at the current level, which does not grow.
+    A failure makes that user's later attempts from that address wait: each
+    distinct wrong password doubles the delay, from `base` up to `maximum`
+    (a repeat of a recent wrong password is a misconfigured client retrying,
+    not someone guessing: no growth). The wait comes before the password is
+    checked, right password or wrong (reserve), so closing the connection
+    early gains a guesser nothing; the failure's own answer waits as long.
+    One user's failures do not slow another user down, but failures for more
+    than SPRAY_USERS users from one address slow the whole address down, one
+    attempt at a time. A success clears that user's record only.
+
+    Users and passwords are known by keyed hashes (user_key, mark), so the
+    tables hold no names or secrets, and a parent process can keep them for
+    its children (mpop3/server/supervisor.py).
     """
 
     def __init__(self, base, maximum, clock=time.monotonic):
         self.base = base
         self.maximum = maximum
         self.clock = clock
-        self.key = os.urandom(16)  # fingerprints are keyed: no password is kept
-        self.addresses = OrderedDict()  # address -> [failures, last time, fingerprints]
+        self.key = os.urandom(16)
+        self.users = OrderedDict()  # (group, user key) -> [failures, last, fingerprints, next check]
+        self.groups = OrderedDict()  # group -> [{user key: last failure}, next check]
         self.lock = threading.Lock()  # logins are checked in worker threads
 
-    def fingerprint(self, user, password):
-        h = hashlib.blake2b(key=self.key, digest_size=16)
+    def user_key(self, user):
+        """The user's key: case does not make another user (name services
+        that fold case would let `Bob` and `bob` guess twice as fast)."""
+        folded = user.decode("utf-8", "surrogateescape").casefold().encode("utf-8", "surrogateescape")
+        return hashlib.blake2b(folded, key=self.key, digest_size=16, person=b"user").digest()
+
+    def mark(self, user, password):
+        """The fingerprint of a (user, password) pair, to spot a repeat."""
+        h = hashlib.blake2b(key=self.key, digest_size=16, person=b"password")
         h.update(user)
         h.update(b"\0")
         h.update(password)
         return h.digest()
-
-    def failed(self, address, user, password):
-        """Record a failed login; returns the seconds to wait before answering."""
-        return self.failed_mark(address, self.fingerprint(user, password))
-
-    def failed_mark(self, address, mark):
-        """failed(), given the fingerprint of the (user, password) pair."""
-        now = self.clock()
-        with self.lock:
-            entry = self.addresses.pop(address, None)
-            if entry is None or now - entry[1] > FAILURE_MEMORY:
-                entry = [0, now, []]
-            if mark not in entry[2]:
-                entry[0] += 1
-                entry[2].append(mark)
-                del entry[2][:-FINGERPRINTS_PER_ADDRESS]
-            entry[1] = now
-            self.addresses[address] = entry
-            while len(self.addresses) > MAX_ADDRESSES:
-                self.addresses.popitem(last=False)
-        return self.delay(entry[0])
 
     def delay(self, failures):
         if failures <= 0:
             return 0.0
         return min(self.maximum, self.base * 2 ** min(failures - 1, 32))
 
-    def succeeded(self, address):
+    def reserve(self, group, user_key):
+        """Seconds this attempt must wait before its password is checked.
+        The time is taken, so attempts for one user (or, when spraying, one
+        address) are checked one delay apart however many arrive at once."""
+        now = self.clock()
         with self.lock:
-            self.addresses.pop(address, None)
+            start = now
+            record = self.live(self.users, (group, user_key), now)
+            if record is not None and record[0]:
+                start = max(start, record[3])
+                record[3] = start + self.delay(record[0])
+            spray = self.live(self.groups, group, now)
+            spraying = self.spray_delay(spray)
+            if spraying:
+                start = max(start, spray[1])
+                spray[1] = start + spraying
+        return start - now
+
+    def failed(self, group, user_key, mark):
+        """Record a failed login; the seconds to wait before answering it."""
+        now = self.clock()
+        with self.lock:
+            record = self.live(self.users, (group, user_key), now, pop=True) or [0, now, [], now]
+            if mark not in record[2]:
+                record[0] += 1
+                record[2].append(mark)
+                del record[2][:-FINGERPRINTS]
+            record[1] = now
+            record[3] = max(record[3], now + self.delay(record[0]))
+            self.remember(self.users, (group, user_key), record)
+            spray = self.live(self.groups, group, now, pop=True) or [{}, now]
+            spray[0].pop(user_key, None)
+            spray[0][user_key] = now
+            while len(spray[0]) > SPRAY_MEMORY:
+                del spray[0][next(iter(spray[0]))]
+            spraying = self.spray_delay(spray)
+            spray[1] = max(spray[1], now + spraying)
+            self.remember(self.groups, group, spray)
+            return max(self.delay(record[0]), spraying)
+
+    def succeeded(self, group, user_key):
+        with self.lock:
+            self.users.pop((group, user_key), None)
+
+    def spray_delay(self, spray):
+        return 0.0 if spray is None else self.delay(len(spray[0]) - SPRAY_USERS)
+
+    def live(self, table, key, now, pop=False):
+        """table[key] unless forgotten: quiet for FAILURE_MEMORY."""
+        entry = table.pop(key, None) if pop else table.get(key)
+        if entry is None:
+            return None
+        last = entry[1] if table is self.users else max(entry[0].values(), default=0)
+        if now - last > FAILURE_MEMORY:
+            table.pop(key, None)
+            return None
+        return entry
+
+    def remember(self, table, key, entry):
+        table[key] = entry  # the newest last: the oldest are forgotten first
+        while len(table) > MAX_RECORDS:
+            table.popitem(last=False)
 
 
 class LoginDelayClock:
@@ -143,7 +225,7 @@ class LoginDelayClock:
         now = self.clock()
         with self.lock:
             self.last[mailbox] = now
-            if len(self.last) > MAX_ADDRESSES:  # forget logins older than the delay
+            if len(self.last) > MAX_RECORDS:  # forget logins older than the delay
                 self.last = {m: t for m, t in self.last.items() if now - t < delay}
 
 

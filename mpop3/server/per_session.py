@@ -12,13 +12,14 @@ socket pair.
 """
 
 import asyncio
-import errno
 import gc
 import logging
 import os
 import selectors
+import time
 
 from ..protocol import replies
+from .accept import BACK_OFF, accept_batch
 from .limits import Admission
 from .service import new_loop
 from .supervisor import Supervisor
@@ -34,7 +35,9 @@ class SessionProcesses(Supervisor):
         super().__init__(conf)
         self.sockets = sockets
         self.serve_session = serve_session
-        self.admission = Admission(conf.values["max_sessions"], conf.values["max_sessions_per_ip"])
+        values = conf.values
+        self.admission = Admission(values["max_sessions"], values["max_sessions_per_ip"], None, values["ipv6_prefix"])
+        self.resume_at = None  # accepting paused until then (out of descriptors)
 
     def started(self):
         for sock in self.sockets:
@@ -44,16 +47,24 @@ class SessionProcesses(Supervisor):
         prepare_for_forks()
 
     def accept(self, listening):
-        try:
-            conn, peer = listening.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:  # EMFILE and friends: wait for a child to end
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.error("cannot accept: %s", e.strerror)
-                return
-            raise
-        address = peer[0]
+        accepted, exhausted = accept_batch(listening)
+        for conn, peer in accepted:
+            self.start_session(conn, peer[0])
+        if exhausted and self.resume_at is None:  # out of descriptors: wait for children to end
+            for sock in self.sockets:
+                self.selector.unregister(sock)
+            self.resume_at = time.monotonic() + BACK_OFF
+
+    def timeout(self):
+        return None if self.resume_at is None else max(0.0, self.resume_at - time.monotonic())
+
+    def tick(self):
+        if self.resume_at is not None and time.monotonic() >= self.resume_at and not self.stopping:
+            self.resume_at = None
+            for sock in self.sockets:
+                self.selector.register(sock, selectors.EVENT_READ, self.accept)
+
+    def start_session(self, conn, address):
         refusal = self.admission.admit(address)
         if refusal is not None:
             refuse(conn, refusal)
@@ -88,7 +99,8 @@ class SessionProcesses(Supervisor):
     def stop_accepting(self):
         log.info("stopping: %d session%s open", len(self.children), "" if len(self.children) == 1 else "s")
         for sock in self.sockets:
-            self.selector.unregister(sock)
+            if self.resume_at is None:
+                self.selector.unregister(sock)
             sock.close()
 
     def reloaded(self, new):

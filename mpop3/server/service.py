@@ -18,7 +18,9 @@ fails keeps the running settings.
 
 import asyncio
 import logging
+import os
 import socket
+import ssl
 
 from .. import config
 from .. import log as logs
@@ -26,9 +28,11 @@ from ..auth_functions import AuthFunctions
 from ..protocol import replies
 from ..protocol.core import Policy
 from . import tls
+from .accept import Acceptor, limited
 from .connection import Connection
 from .jobs import Limits
 from .limits import Admission, LoginDelayClock, LoginThrottle
+from .logins import LoginChecks
 from .workers import Workers
 
 log = logging.getLogger("mpop3.server")
@@ -59,15 +63,26 @@ class Service:
             cram_md5=plaintext_passwords(tables.auth),
             **self.capa_extras(conf),
         )
-        self.workers = workers or Workers(loop, conf.values["worker_threads"])
+        values = conf.values
+        self.workers = workers or Workers(loop, values["worker_threads"])
         # built before any fork (cli.py); tests hand the Service a bare Config
         self.tls_context = conf.tls_context or tls.context_from_config(conf)
-        self.admission = Admission(settings.max_sessions, settings.max_sessions_per_ip, tally)
+        prefix = values["ipv6_prefix"]
+        self.admission = Admission(settings.max_sessions, settings.max_sessions_per_ip, tally, prefix)
         throttle, clock = limits or (
             LoginThrottle(settings.login_fail_delay, settings.login_fail_delay_max),
             LoginDelayClock(),
         )
         self.limits = Limits(throttle, clock, settings.login_delay)
+        self.logins = LoginChecks(
+            loop,
+            self.workers,
+            throttle,
+            settings.max_login_attempts_per_ip,
+            prefix,
+            slots=min(values["worker_threads"], os.cpu_count() or 1),
+            queue=values["login_queue"],
+        )
         self.before_open = before_open
         self.connections = set()
         self.listeners = []
@@ -86,6 +101,7 @@ class Service:
         self.policy.apply(settings.max_bad_commands, settings.max_login_failures, **self.capa_extras(conf))
         self.admission.max_sessions = settings.max_sessions
         self.admission.max_per_address = settings.max_sessions_per_ip
+        self.logins.gate.limit = settings.max_login_attempts_per_ip
         throttle = self.limits.throttle  # a reload keeps what it remembers of failures
         throttle.base, throttle.maximum = settings.login_fail_delay, settings.login_fail_delay_max
         self.limits.login_delay = settings.login_delay
@@ -93,26 +109,70 @@ class Service:
     # --- sessions ---------------------------------------------------------------
 
     def admit(self, connection):
-        """None to serve a new connection, or the reply that refuses it."""
-        if self.stopping:
-            return replies.ERR_SHUTTING_DOWN
-        refusal = self.admission.admit(connection.peer)
-        if refusal is None:
-            self.connections.add(connection)
-        return refusal
+        """None to serve a new connection, or the reply that refuses it. A
+        connection the acceptor took was counted then."""
+        if connection.admitted is None:
+            if self.stopping:
+                return replies.ERR_SHUTTING_DOWN
+            refusal = self.admission.admit(connection.peer)
+            if refusal is not None:
+                return refusal
+        self.connections.add(connection)
+        return None
 
     def forget(self, connection):
         self.connections.discard(connection)
         self.admission.release(connection.peer)
 
+    def accepted(self, conn, peer, context):
+        """A connection the acceptor took (accept.py): counted now, before
+        any TLS handshake; refused at once if over a limit (without a word
+        on a TLS port, where a clear -ERR would be garbage to the client)."""
+        address = peer[0] if isinstance(peer, (tuple, list)) and peer else tls.NO_PEER
+        refusal = replies.ERR_SHUTTING_DOWN if self.stopping else self.admission.admit(address)
+        if refusal is not None:
+            if context is None:
+                try:
+                    conn.send(refusal.wire)
+                except OSError:
+                    pass
+            conn.close()
+            return
+        connection = Connection(self, admitted=address, started=self.loop.time())
+        self.loop.create_task(self.connect(connection, conn, address, context))
+
+    async def connect(self, connection, conn, address, context):
+        try:
+            await self.connect_socket(connection, conn, context)
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
+            limited.log(logging.INFO, "handshake", "%s: TLS handshake failed: %s", address, e or type(e).__name__)
+            conn.close()
+            if not connection.counted:  # it never got to connection_made
+                self.admission.release(address)
+
+    async def connect_socket(self, connection, sock, context):
+        """Serve `connection` on a connected socket, after a TLS handshake
+        (implicit TLS) if `context` is given."""
+        if context is None:
+            await self.loop.connect_accepted_socket(lambda: connection, sock)
+        else:
+            await self.loop.connect_accepted_socket(
+                lambda: connection, sock, ssl=context, ssl_handshake_timeout=self.handshake_timeout()
+            )
+
+    def handshake_timeout(self):
+        return max(0.1, self.settings.tls_handshake_timeout)
+
     def sweep_idle(self):
-        """One timer for every session: close those idle for too long.
-        Runs every quarter of the timeout (at most every second)."""
-        timeout = self.settings.idle_timeout
+        """One timer for every session: close those idle for too long, or
+        not logged in in time. Runs every quarter of the shorter timeout (at
+        most every second)."""
+        settings = self.settings
         now = self.loop.time()
         for connection in list(self.connections):
-            connection.idle_check(now, timeout)
-        self.loop.call_later(min(1.0, max(0.02, timeout / 4)), self.sweep_idle)
+            connection.idle_check(now, settings.idle_timeout, settings.login_timeout)
+        shorter = min(settings.idle_timeout, settings.login_timeout)
+        self.loop.call_later(min(1.0, max(0.02, shorter / 4)), self.sweep_idle)
 
     def tls_for(self, sock):
         """The SSLContext for a socket of a listen_tls address (listening
@@ -129,10 +189,8 @@ class Service:
             sockets = [bind(host, port) for host, port in self.conf.listen + self.conf.listen_tls]
         bound = []
         for sock in sockets:
-            listener = await self.loop.create_server(
-                lambda: Connection(self), sock=sock, backlog=1024, ssl=self.tls_for(sock)
-            )
-            self.listeners.append(listener)
+            context = self.tls_for(sock)
+            self.listeners.append(Acceptor(self.loop, sock, lambda conn, peer, c=context: self.accepted(conn, peer, c)))
             bound.append(sock.getsockname()[:2])
         log.info(
             "listening on %s",

@@ -22,7 +22,7 @@ async def connect_stdin(service, connection):
 
 async def connect_socket(service, connection, sock):
     """A connected socket (stdin's, or one a listener accepted and forked us for)."""
-    await service.loop.connect_accepted_socket(lambda: connection, sock, ssl=service.tls_for(sock))
+    await service.connect_socket(connection, sock, service.tls_for(sock))
 
 
 class PipeReader(asyncio.Protocol):

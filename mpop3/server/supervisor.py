@@ -10,18 +10,21 @@ a process per session, the listening sockets.
 
 A child asks over a socket pair of its own, one short line each way:
 
-    failed ADDRESS HEX    the delay to answer a failed login with, as a line
-    succeeded ADDRESS     a login succeeded: forget the address's failures
-    wait HEX              the seconds a mailbox must still wait (LOGIN-DELAY)
-    logged-in HEX         a mailbox was logged in to, now
+    reserve GROUP USER          seconds to wait before checking a password, as a line
+    failed GROUP USER PASSWORD  seconds to wait before answering a failure
+    succeeded GROUP USER        a login succeeded: forget the user's failures
+    wait MAILBOX                seconds a mailbox must still wait (LOGIN-DELAY)
+    logged-in MAILBOX           a mailbox was logged in to, now
 
-HEX is 32 hex digits: a keyed hash of the user and password, or of the
-mailbox name, so the parent holds no secrets and no names. What a child
-says is not trusted: a session process runs as a mailbox's user after
-login, for a client that may be hostile. A session process's reports must
-name the address the parent accepted, and it gets a budget of them; a
-child that says anything malformed is no longer listened to, and falls
-back on its own copy of the limits.
+GROUP is the client's address group (limits.address_group); USER,
+PASSWORD and MAILBOX are 32 hex digits, keyed hashes (LoginThrottle's
+user_key and mark, Channel.mailbox_mark), so the parent holds no secrets
+and no names. What a child says is not trusted: a session process runs as
+a mailbox's user after login, for a client that may be hostile. A session
+process's reports must name the address group of the client the parent
+accepted, and it gets a budget of them; a child that says anything
+malformed is no longer listened to, and falls back on its own copy of the
+limits.
 """
 
 import hashlib
@@ -36,7 +39,7 @@ import threading
 from .. import config
 from .. import log as logs
 from . import tls
-from .limits import LoginDelayClock, LoginThrottle
+from .limits import LoginDelayClock, LoginThrottle, address_group
 
 log = logging.getLogger("mpop3.server")
 
@@ -215,6 +218,7 @@ class ChildReports:
         self.supervisor = supervisor
         self.sock = sock
         self.address = address
+        self.group = None if address is None else address_group(address, supervisor.conf.values["ipv6_prefix"])
         self.partial = b""  # a report not yet ended by its newline
         self.budget = REPORTS_PER_SESSION if address is not None else None
         self.logins_left = 1 if address is not None else None  # a session logs in once
@@ -256,19 +260,21 @@ class ChildReports:
         """The bytes to answer, True for a report that wants none, None for
         a malformed one."""
         supervisor = self.supervisor
-        kind = words[0]
-        if kind in (b"failed", b"succeeded"):
-            address = self.client(words[1] if len(words) > 1 else b"")
-            if address is None:
+        kind, args = words[0], words[1:]
+        if kind in (b"reserve", b"failed", b"succeeded"):
+            wanted = 3 if kind == b"failed" else 2
+            if len(args) != wanted:
                 return None
-            if kind == b"succeeded" and len(words) == 2:
-                supervisor.throttle.succeeded(address)
-                return True
-            mark = hex_mark(words[2] if len(words) == 3 else b"")
-            if kind == b"failed" and mark is not None:
-                return b"%r\n" % supervisor.throttle.failed_mark(address, mark)
-            return None
-        mark = hex_mark(words[1] if len(words) == 2 else b"")
+            group, keys = self.client(args[0]), [hex_mark(word) for word in args[1:]]
+            if group is None or None in keys:
+                return None
+            if kind == b"reserve":
+                return b"%r\n" % supervisor.throttle.reserve(group, keys[0])
+            if kind == b"failed":
+                return b"%r\n" % supervisor.throttle.failed(group, keys[0], keys[1])
+            supervisor.throttle.succeeded(group, keys[0])
+            return True
+        mark = hex_mark(args[0]) if len(args) == 1 else None
         if mark is None:
             return None
         delay = supervisor.conf.values["login_delay"]
@@ -282,16 +288,17 @@ class ChildReports:
         return None
 
     def client(self, word):
-        """The client address a report names, if it may name it."""
+        """The address group a report names, if it may name it: a session
+        process speaks only of its own client."""
         try:
-            address = word.decode("ascii")
-            if address != tls.NO_PEER:
-                ipaddress.ip_address(address)
+            group = word.decode("ascii")
+            if group != tls.NO_PEER:
+                ipaddress.ip_network(group, strict=False)
         except ValueError:
             return None
-        if self.address is not None and address != self.address:
-            return None  # a session process speaks only of its own client
-        return address
+        if self.group is not None and group != self.group:
+            return None
+        return group
 
     def hang_up(self):
         self.supervisor.selector.unregister(self.sock)
@@ -350,14 +357,19 @@ class Remote:
 
 
 class RemoteThrottle(Remote, LoginThrottle):
-    def failed_mark(self, address, mark):
-        local = super().failed_mark(address, mark)
-        answer = self.channel.ask(b"failed %s %s\n" % (address.encode(), mark.hex().encode()))
+    def reserve(self, group, user_key):
+        local = super().reserve(group, user_key)
+        answer = self.channel.ask(b"reserve %s %s\n" % (group.encode(), user_key.hex().encode()))
         return local if answer is None else answer
 
-    def succeeded(self, address):
-        super().succeeded(address)
-        self.channel.tell(b"succeeded %s\n" % address.encode())
+    def failed(self, group, user_key, mark):
+        local = super().failed(group, user_key, mark)
+        answer = self.channel.ask(b"failed %s %s %s\n" % (group.encode(), user_key.hex().encode(), mark.hex().encode()))
+        return local if answer is None else answer
+
+    def succeeded(self, group, user_key):
+        super().succeeded(group, user_key)
+        self.channel.tell(b"succeeded %s %s\n" % (group.encode(), user_key.hex().encode()))
 
 
 class RemoteClock(Remote, LoginDelayClock):

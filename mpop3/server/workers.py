@@ -15,6 +15,10 @@ serves the others, and its callback comes when it ends. Kinds of job that
 keep outlasting the wait are no longer waited for, so a site of slow
 password hashes does not pay the wait on every login.
 
+A job whose client has gone can be cancelled until a thread takes it
+(how many password checks may wait, and run at once, is LoginChecks'
+business: mpop3/server/logins.py).
+
 InlineWorkers: the loop's own thread, for a process serving one session.
 """
 
@@ -40,7 +44,7 @@ def run(function, args):
 
 
 class Job:
-    __slots__ = ("callback", "function", "args", "reserved", "done", "lock", "outcome", "detached")
+    __slots__ = ("callback", "function", "args", "reserved", "done", "lock", "outcome", "detached", "state")
 
     def __init__(self, callback, function, args, reserved):
         self.callback = callback
@@ -52,6 +56,16 @@ class Job:
         self.lock = threading.Lock()  # guards outcome and detached
         self.outcome = None
         self.detached = False  # the loop stopped waiting: the worker calls back
+        self.state = "queued"  # then "running" (a thread took it) or "cancelled"
+
+    def cancel(self):
+        """Withdraw the job if no thread has taken it: True if withdrawn
+        (it will not run, and nobody is called back)."""
+        with self.lock:
+            if self.state != "queued":
+                return False
+            self.state = "cancelled"
+            return True
 
 
 class Workers:
@@ -66,7 +80,8 @@ class Workers:
         self.quick = {}  # job function -> [moving share ended within the wait, jobs not waited for]
 
     def submit(self, callback, function, *args):
-        """Run function(*args) in a thread; then callback(result, exc) on the loop."""
+        """Run function(*args) in a thread; then callback(result, exc) on the
+        loop. Returns the Job, to cancel."""
         with self.idle_lock:
             free = self.idle > 0
             if free:
@@ -82,8 +97,9 @@ class Workers:
         with job.lock:
             if job.outcome is None:
                 job.detached = True
-                return
+                return job
         self.loop.call_soon(callback, *job.outcome)
+        return job
 
     def worth_waiting(self, function):
         stats = self.quick.get(function)
@@ -109,6 +125,13 @@ class Workers:
             if not job.reserved:  # queued while every thread was busy
                 with self.idle_lock:
                     self.idle -= 1
+            with job.lock:
+                cancelled = job.state == "cancelled"
+                job.state = "running"
+            if cancelled:
+                with self.idle_lock:
+                    self.idle += 1
+                continue
             outcome = run(job.function, job.args)
             with job.lock:
                 job.outcome = outcome
@@ -144,6 +167,18 @@ class InlineWorkers:
 
     def submit(self, callback, function, *args):
         self.loop.call_soon(callback, *run(function, args))
+        return DONE
 
     def shutdown(self):
         pass
+
+
+class Done:
+    """What InlineWorkers hands back: a job that has already run."""
+
+    @staticmethod
+    def cancel():
+        return False
+
+
+DONE = Done()
