@@ -94,28 +94,70 @@ def unknown_functions(module, kind):
 
 
 def import_module_file(path, where):
-    """Load a compiled extension from any path; its stem names PyInit_<stem>."""
-    if not os.path.exists(path):
-        raise ConfigError(where, f"module {path}: no such file")
-    if os.geteuid() == 0:
-        problem = unsafe_for_root(os.path.realpath(path))
-        if problem:
-            raise ConfigError(where, f"module {path}: refusing to load it as root: {problem}")
-    stem = os.path.basename(path).split(".")[0]
-    if not stem.isidentifier():
-        raise ConfigError(where, f"module {path}: file name must be a valid identifier followed by .so")
+    """Load a compiled extension from any path: exactly the file that was
+    opened and checked. A path is only a name, and the file it names can be
+    swapped (a symlink turned elsewhere) between a check by name and a load
+    by name; so the file is opened once, the open descriptor is what is
+    checked, and the dynamic linker loads it through /proc/self/fd/N. The
+    module is named after the path's stem (PyInit_<stem>), never after N."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not block
+    except FileNotFoundError:
+        raise ConfigError(where, f"module {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(where, f"module {path}: cannot open it: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(where, f"module {path}: not a regular file")
+        if not os.path.exists(f"/proc/self/fd/{fd}"):
+            raise ConfigError(where, f"module {path}: cannot load it: /proc is not mounted (modules load through it)")
+        if os.geteuid() == 0:
+            problem = unsafe_for_root(st, opened_path(fd))
+            if problem:
+                raise ConfigError(where, f"module {path}: refusing to load it as root: {problem}")
+        stem = os.path.basename(path).split(".")[0]
+        if not stem.isidentifier():
+            raise ConfigError(where, f"module {path}: file name must be a valid identifier followed by .so")
+    except BaseException:
+        os.close(fd)
+        raise
+    opened = loadable_name(fd, st)
     name = f"mpop3.modules.{stem}"
-    loader = importlib.machinery.ExtensionFileLoader(name, path)
-    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    loader = importlib.machinery.ExtensionFileLoader(name, opened)
+    spec = importlib.util.spec_from_file_location(name, opened, loader=loader)
     try:
         module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
     except ImportError as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(where, f"module {path}: {why_not_loadable(path, reason)}") from None
+        reason = str(e).splitlines()[0].replace(opened, path) if str(e) else type(e).__name__
+        raise ConfigError(where, f"module {path}: {why_not_loadable(opened, reason)}") from None
     except Exception as e:  # the module's own import-time code failed
         raise ConfigError(where, f"module {path}: failed to load: {type(e).__name__}: {e}") from None
+    module.__file__ = path
     return module
+
+
+# The descriptors of the module files opened, by (device, inode), open for
+# the life of the process. The dynamic linker answers a name it has loaded
+# before with the library it loaded then, without opening anything: once
+# /proc/self/fd/N has been loaded, N must go on naming that file, or a
+# module opened later on a reused N would be taken for the earlier one.
+_opened_files = {}
+
+
+def loadable_name(fd, st):
+    """The /proc/self/fd name to load the file open on `fd` by; `fd` is kept
+    (or closed, if that file is kept open already)."""
+    kept = _opened_files.setdefault((st.st_dev, st.st_ino), fd)
+    if kept != fd:
+        os.close(fd)
+    return f"/proc/self/fd/{kept}"
+
+
+def opened_path(fd):
+    """Where the file open on `fd` is now, as the kernel tracks it."""
+    return os.readlink(f"/proc/self/fd/{fd}")
 
 
 def why_not_loadable(path, reason):
@@ -144,19 +186,22 @@ def why_not_loadable(path, reason):
     return f"not an mpop3 module (cannot load it: {reason})"
 
 
-def unsafe_for_root(path):
-    """Why root must not load `path`, or None. Whoever can write the file,
-    or any directory above it, could run code as root: they must all
-    belong to root and be writable by nobody else (a sticky directory such
-    as /tmp is fine: nobody else can replace root's files in it)."""
-    st = os.stat(path)
+def unsafe_for_root(st, path):
+    """Why root must not load the file whose fstat is `st`, found at `path`,
+    or None. Whoever can write the file, or any directory above it, could
+    run code as root: they must all belong to root and be writable by
+    nobody else (a sticky directory such as /tmp is fine: nobody else can
+    replace root's files in it)."""
     if st.st_uid != 0:
         return f"it is owned by uid {st.st_uid}, not root"
     if st.st_mode & 0o022:
         return "it is writable by group or others"
     directory = os.path.dirname(path)
     while True:
-        st = os.stat(directory)
+        try:
+            st = os.stat(directory)
+        except OSError as e:
+            return f"cannot check directory {directory}: {e.strerror}"
         if st.st_uid != 0:
             return f"directory {directory} is owned by uid {st.st_uid}, not root"
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:

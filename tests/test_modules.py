@@ -5,6 +5,7 @@ Test modules are built out of tree with the installed module.mk."""
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -153,8 +154,6 @@ def test_module_dir_is_where_bare_names_are_found(tmp_path, test_modules):
 
 def test_root_loads_modules_only_from_root_owned_unwritable_places(tmp_path, test_modules):
     """Run as root (as CI is): a module anyone else could have written is refused."""
-    import shutil
-
     assert os.geteuid() == 0, "this test checks what root refuses"
     loose = tmp_path / "loose"
     loose.mkdir()
@@ -178,6 +177,65 @@ def test_root_loads_modules_only_from_root_owned_unwritable_places(tmp_path, tes
     assert_one_line_error(
         run_mpop3("--check-config", "-c", conf), f"{conf}:1", rf"directory {loose} is owned by uid 65534, not root"
     )
+
+
+def test_root_loads_the_very_file_it_checked(tmp_path, test_modules, monkeypatch):
+    """The configured name is a symlink to a safe module; right after root's
+    check (a hook here, so the race is won every time) it is swapped for a
+    symlink to a file anyone can write. What is loaded is what was checked."""
+    assert os.geteuid() == 0, "root checks the module's file"
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy(test_modules["second_auth"], good / "second_auth.so")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    planted = loose / "second_auth.so"
+    planted.write_text("not the file root checked\n")
+    planted.chmod(0o666)
+    link = tmp_path / "second_auth.so"
+    link.symlink_to(good / "second_auth.so")
+    check, swapped = loader.unsafe_for_root, []
+
+    def check_then_swap(*args):
+        problem = check(*args)
+        (tmp_path / "swap").symlink_to(planted)
+        os.replace(tmp_path / "swap", link)
+        swapped.append(problem)
+        return problem
+
+    monkeypatch.setattr(loader, "unsafe_for_root", check_then_swap)
+    tables = load(f"auth_module {link}\n")
+    assert swapped == [None]  # checked, found safe, then swapped
+    assert tables.auth.auth_need_root() is True  # second_auth's, from the file checked
+    assert tables.modules[0].path == str(link)
+
+
+def test_a_module_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path):
+    """A FIFO where a module should be: opening it to load it would wait
+    for a writer forever."""
+    os.mkfifo(tmp_path / "fifo_auth.so")
+    (tmp_path / "dir_auth.so").mkdir()
+    for name in ("fifo_auth", "dir_auth"):
+        path = write_conf(tmp_path, f"auth_module {tmp_path}/{name}.so\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "mpop3", "--check-config", "-c", path],
+            capture_output=True,
+            text=True,
+            cwd=TREE,
+            timeout=20,
+        )
+        assert_one_line_error(result, f"{path}:1", rf"{name}\.so: not a regular file")
+
+
+def test_modules_loaded_one_after_another_are_each_themselves(test_modules):
+    """Each load opens its file anew; whatever the loader does with
+    descriptors, a later module is never taken for an earlier one."""
+    for _ in range(2):
+        for name, need_root in (("first_auth", False), ("second_auth", True)):
+            tables = load(f"auth_module {test_modules[name]}\n")
+            assert tables.modules[0].name == name
+            assert tables.auth.auth_need_root() is need_root
 
 
 def test_functions_no_table_has_are_named_at_load_and_by_check_config(tmp_path, test_modules, caplog):
