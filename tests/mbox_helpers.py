@@ -1,15 +1,26 @@
 """Spools for the tests: mbox(), the one builder of mbox files, and the
 generators built on it; for the tests/test_mbox_*.py files also the
-storage_mbox module with test settings and the reference's view of a spool."""
+storage_mbox module with test settings, the reference's view of a spool,
+a session run in a process of its own (in_child: what hangs there cannot
+hang the suite) and a small filesystem (tmpfs, root only) and a way to fill it."""
 
+import contextlib
 import glob
 import os
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
 
 from mpop3.loader import import_module_file
 from mpop3.mbox import kernels_reference as mbox_reference
 
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROCMAIL = shutil.which("procmail")
 MODULE_PATH = glob.glob(os.path.join(TREE, "modules", "storage_mbox.*.so"))[0]
 
 
@@ -18,6 +29,161 @@ def storage(spool_dir, **extra):
     module = import_module_file(MODULE_PATH, "tests")
     module.module_init({"storage_dir": str(spool_dir), "mbox_lock_timeout": "5", **extra})
     return module
+
+
+CHILD = textwrap.dedent("""
+    import logging, os, sys
+    sys.path.insert(0, {tree!r}); sys.path.insert(0, {tree!r} + "/tests")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+    from mbox_helpers import storage
+    from mpop3.errors import MailboxInUse, StoragePermError, StorageTempError
+    mod = storage({spool_dir!r}, **{settings!r})
+    for action, arg in {actions!r}:
+        if action == "remove":
+            os.rmdir(arg) if os.path.isdir(arg) and not os.path.islink(arg) else os.unlink(arg)
+            continue
+        try:
+            box = mod.storage_lock_mailbox(arg)
+        except MailboxInUse:
+            print("in-use", flush=True)
+        except StorageTempError:
+            print("temp", flush=True)
+        except StoragePermError:
+            print("perm", flush=True)
+        else:
+            print("ok", mod.storage_message_count(box), flush=True)
+            if action == "delete-first":
+                mod.storage_synch(box, {{0}})
+            mod.storage_unlock_mailbox(box)
+""")
+
+
+def in_child(spool_dir, actions, timeout=20, **settings):
+    """Run `actions` in a new process on storage_mbox over spool_dir:
+    ("open", mailbox) opens and closes a session, ("delete-first", mailbox)
+    also deletes its first message, ("remove", path) removes a file or an
+    empty directory. Returns (one outcome per open: "ok COUNT", "in-use",
+    "temp" or "perm"; the process's log). A process still busy after
+    `timeout` seconds is killed and the call fails: something hung."""
+    settings = {"mbox_lock_timeout": "1", **settings}
+    script = CHILD.format(tree=TREE, spool_dir=str(spool_dir), settings=settings, actions=list(actions))
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"hung: still busy after {timeout} s; log so far: {e.stderr!r}") from None
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines(), done.stderr
+
+
+COMMITTER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tree!r}); sys.path.insert(0, {tree!r} + "/tests")
+    from mbox_helpers import storage
+    from mpop3.mbox import commit as mbox_commit
+    for name, value in {knobs!r}.items():
+        setattr(mbox_commit, name, value)
+    kill_at = int(sys.argv[1])
+    taken = []
+    counting = [{after!r} is None]
+    def hook(step):
+        if counting[0] and ({step!r} is None or step == {step!r}):
+            taken.append(step)
+            if len(taken) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        counting[0] = counting[0] or step == {after!r}
+    mod = storage({spool_dir!r})
+    if {owner!r} is not None:  # as a session process: the spool's owner
+        os.setgroups([]); os.setgid({owner!r}[1]); os.setuid({owner!r}[0])
+    box = mod.storage_lock_mailbox("bob")
+    mbox_commit.step_hook = hook
+    print("go", flush=True)
+    mod.storage_synch(box, {deleted!r})
+    mod.storage_unlock_mailbox(box)
+    print(len(taken))
+""")
+
+
+def committer(spool_dir, deleted=frozenset({0}), step=None, after=None, owner=None, **knobs):
+    """A script that deletes messages `deleted` (from 0) of the spool bob,
+    killing itself (SIGKILL) at the Nth step of the commit, N its first
+    argument (0: never; it then prints how many steps it counted). `step`
+    counts only the steps of that name, `after` only those after the first
+    step of that name; `owner` (uid, gid) is who commits; `knobs` set
+    mpop3.mbox.commit's constants (WINDOW_MAX=...)."""
+    return COMMITTER.format(
+        tree=TREE, spool_dir=str(spool_dir), deleted=set(deleted), step=step, after=after, owner=owner, knobs=knobs
+    )
+
+
+def commit_with_hook(mod, name, deleted, hook, raises=None):
+    """Delete messages `deleted` (from 0) of mailbox `name` in a session of
+    `mod`, with `hook` as mpop3.mbox.commit's step hook. `raises`: the
+    exception the hook stops the commit with (a crash at that step, the
+    process living on), which is then expected."""
+    from mpop3.mbox import commit as mbox_commit
+
+    box = mod.storage_lock_mailbox(name)
+    mbox_commit.step_hook = hook
+    try:
+        if raises is None:
+            mod.storage_synch(box, set(deleted))
+        else:
+            with pytest.raises(raises):
+                mod.storage_synch(box, set(deleted))
+    finally:
+        mbox_commit.step_hook = None
+        mod.storage_unlock_mailbox(box)
+
+
+HOLDER = textwrap.dedent("""
+    import fcntl, os, sys
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.readline()
+""")
+
+
+@contextlib.contextmanager
+def fcntl_locked(path):
+    """Another process (an MDA delivering) holds an fcntl write lock on
+    `path` while the block runs."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@contextlib.contextmanager
+def tmpfs(size):
+    """A tmpfs of `size` ("4m") mounted on a new directory, for filling
+    disks (root only); unmounted and removed afterwards."""
+    where = tempfile.mkdtemp(prefix="mbox-tmpfs-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", where], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", where], check=True)
+        os.rmdir(where)
+
+
+def fill(path):
+    """Write `path` until its filesystem is full, to the last byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while os.write(fd, b"x" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
 
 
 def mbox(*messages, sender="MAILER-DAEMON", date="Thu Nov 19 10:00:00 2026", finish_last=True):

@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 
 import pytest
-from mbox_helpers import TREE, mbox, message, spool_of, storage
+from mbox_helpers import commit_with_hook, committer, fill, mbox, message, spool_of, storage, tmpfs
+from pop_server import Wire
 
 from mpop3.mbox import kernels_reference as ref
 
@@ -104,25 +104,18 @@ def test_a_second_session_in_another_server_gets_in_use(spawn):
 
 # ---- kill -9 during a commit -------------------------------------------------
 
-COMMITTER = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {tree!r}); sys.path.insert(0, {tree!r} + "/tests")
-    from mbox_helpers import storage
-    from mpop3.mbox import commit as mbox_commit
-    kill_at = int(sys.argv[1])
-    taken = []
-    def hook(step):
-        taken.append(step)
-        if len(taken) == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    mod = storage({spool_dir!r})
+
+def killed_then_reopened(mod, spool, old, script, kill_at):
+    """Write `old` to the spool, run the committer `script` killed at its
+    kill_at-th step, then open the mailbox (the next open replays, and
+    breaks the dead commit's dot-lock): (the spool's bytes, its count)."""
+    spool.write_bytes(old)
+    child = subprocess.run([sys.executable, "-c", script, str(kill_at)], capture_output=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL
     box = mod.storage_lock_mailbox("bob")
-    mbox_commit.step_hook = hook
-    print("go", flush=True)
-    mod.storage_synch(box, {{0}})
+    count = mod.storage_message_count(box)
     mod.storage_unlock_mailbox(box)
-    print(len(taken))
-""")
+    return spool.read_bytes(), count
 
 
 def test_kill_9_at_twenty_instants_of_a_100_mb_commit_leaves_old_or_new(tmp_path):
@@ -132,7 +125,7 @@ def test_kill_9_at_twenty_instants_of_a_100_mb_commit_leaves_old_or_new(tmp_path
     old = spool_of(10000, body_lines=440)
     assert len(old) >= 100 << 20
     new = old[len(message(0, body_lines=440)) :]
-    script = COMMITTER.format(tree=TREE, spool_dir=str(spool_dir))
+    script = committer(spool_dir)
     spool.write_bytes(old)
     finished = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True, timeout=120)
     steps = int(finished.stdout.split()[-1])  # an uninterrupted commit: how many steps it takes
@@ -140,22 +133,23 @@ def test_kill_9_at_twenty_instants_of_a_100_mb_commit_leaves_old_or_new(tmp_path
     mod = storage(spool_dir)
     outcomes = []
     for kill_at in sorted({1 + k * (steps - 1) // 19 for k in range(20)}):
-        spool.write_bytes(old)
-        child = subprocess.run([sys.executable, "-c", script, str(kill_at)], capture_output=True, timeout=120)
-        assert child.returncode == -signal.SIGKILL
-        box = mod.storage_lock_mailbox("bob")  # the next open: replays, breaks the dead dot-lock
-        count = mod.storage_message_count(box)
-        mod.storage_unlock_mailbox(box)
-        after = spool.read_bytes()
+        after, count = killed_then_reopened(mod, spool, old, script, kill_at)
         assert after in (old, new), f"killed at step {kill_at}: neither old nor new"
         assert count == (10000 if after == old else 9999)
         outcomes.append(after == new)
         assert sorted(os.listdir(spool_dir)) == ["bob"]
     assert len(outcomes) == 20 and any(outcomes) and not all(outcomes)
-    # and five kills by the clock, wherever the commit happens to be (inside
-    # a copy_file_range, an fsync, ...)
+    # and ten kills by the clock, wherever the commit happens to be (inside
+    # a copy_file_range, an fsync, ...), spread over how long one takes
+    spool.write_bytes(old)
+    child = subprocess.Popen([sys.executable, "-c", script, "0"], stdout=subprocess.PIPE)
+    assert child.stdout.readline() == b"go\n"
+    started = time.monotonic()
+    assert child.wait(120) == 0
+    took = time.monotonic() - started
     rng = random.Random(7)
-    for delay in [rng.uniform(0, 0.3) for _ in range(5)]:
+    outcomes = []
+    for delay in sorted(rng.uniform(0, took) for _ in range(10)):
         spool.write_bytes(old)
         child = subprocess.Popen([sys.executable, "-c", script, "0"], stdout=subprocess.PIPE)
         assert child.stdout.readline() == b"go\n"
@@ -164,42 +158,136 @@ def test_kill_9_at_twenty_instants_of_a_100_mb_commit_leaves_old_or_new(tmp_path
         child.wait()
         box = mod.storage_lock_mailbox("bob")
         mod.storage_unlock_mailbox(box)
-        assert spool.read_bytes() in (old, new), f"killed {delay:.3f} s into the commit"
+        after = spool.read_bytes()
+        assert after in (old, new), f"killed {delay:.3f} s into the commit"
+        outcomes.append(after == new)
+    assert any(outcomes)  # some kills landed after the commit point
+
+
+def test_kill_9_at_every_step_of_a_commit_in_windows_leaves_old_or_new(tmp_path):
+    # windows of 64 KiB: kills between windows, and at every step inside each
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    spool = spool_dir / "bob"
+    old = spool_of(500, body_lines=20)  # 350 KB: six windows
+    deleted = {0, 7, 300}
+    new = b"".join(message(n, body_lines=20) for n in range(500) if n not in deleted)
+    knobs = {"WINDOW_MIN": 64 << 10, "WINDOW_MAX": 64 << 10, "READ_CHUNK": 32 << 10, "COPY_CHUNK": 32 << 10}
+    script = committer(spool_dir, deleted, **knobs)
+    spool.write_bytes(old)
+    finished = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True, timeout=120)
+    steps = int(finished.stdout.split()[-1])
+    assert spool.read_bytes() == new
+    mod = storage(spool_dir)
+    outcomes = []
+    for kill_at in range(1, steps + 1):
+        after, count = killed_then_reopened(mod, spool, old, script, kill_at)
+        assert after in (old, new), f"killed at step {kill_at} of {steps}: neither old nor new"
+        assert count == (500 if after == old else 497)
+        outcomes.append(after == new)
+        assert sorted(os.listdir(spool_dir)) == ["bob"]
+    assert steps >= 40 and any(outcomes) and not all(outcomes)
 
 
 # ---- disk full -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs():
-    where = tempfile.mkdtemp(prefix="mbox-tmpfs-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", where], check=True)
-    yield where
-    subprocess.run(["umount", where], check=True)
-    os.rmdir(where)
+@pytest.mark.root
+def test_a_disk_too_full_for_any_journal_refuses_the_commit_and_keeps_the_spool(spawn):
+    data = spool_of(1200, body_lines=100)  # ~3 MB of 4
+    with tmpfs("4m") as where:
+        spool_dir = os.path.join(where, "spool")
+        with spawn({"bob": "secret"}, {"bob": data}, spool=spool_dir) as server:
+            filler = os.path.join(where, "filler")
+            fill(filler)
+            os.truncate(filler, os.path.getsize(filler) - (32 << 10))  # room to log in, not to journal
+            assert quit_after_deleting(server, 1).startswith(b"-ERR [SYS/TEMP]")
+            assert read(os.path.join(spool_dir, "bob")) == data
+            assert sorted(os.listdir(spool_dir)) == ["bob"]
+            # the tail needs no journal: even now, deleting it works
+            assert quit_after_deleting(server, 1200).startswith(b"+OK")
+            assert read(os.path.join(spool_dir, "bob")) == spool_of(1199, body_lines=100)
+            os.unlink(filler)
 
 
 @pytest.mark.root
-def test_disk_full_during_a_commit_answers_err_and_keeps_the_spool(small_tmpfs, spawn):
-    spool_dir = os.path.join(small_tmpfs, "spool")
-    data = spool_of(1200, body_lines=100)  # ~3 MB of 4: no room for a journal of it
-    with spawn({"bob": "secret"}, {"bob": data}, spool=spool_dir) as server:
-        client = poplib.POP3("127.0.0.1", server.port, timeout=30)
-        client.user("bob")
-        client.pass_("secret")
-        client.dele(1)
-        with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/TEMP\]"):
-            client.quit()
-    with open(os.path.join(spool_dir, "bob"), "rb") as f:
-        assert f.read() == data
-    assert sorted(os.listdir(spool_dir)) == ["bob"]
-    # and with room again (the tail needs no journal), the same deletion works
-    mod = storage(spool_dir)
-    box = mod.storage_lock_mailbox("bob")
-    mod.storage_synch(box, {1199})
-    mod.storage_unlock_mailbox(box)
-    with open(os.path.join(spool_dir, "bob"), "rb") as f:
-        assert f.read() == spool_of(1199, body_lines=100)
+def test_deleting_on_a_nearly_full_disk_works_once_a_little_space_is_free(spawn, tmp_path):
+    # a 16 MB spool on a full filesystem: deleting its first message moves
+    # 16 MB, which a commit must do in place, a window at a time
+    data = spool_of(6000, body_lines=100)
+    new = data[len(message(0, body_lines=100)) :]
+    with tmpfs("24m") as where:
+        spool_dir = os.path.join(where, "spool")
+        server = spawn({"bob": "secret"}, {"bob": data}, spool=spool_dir)
+        filler = os.path.join(where, "filler")
+        fill(filler)
+        os.truncate(filler, os.path.getsize(filler) - (32 << 10))  # less than a commit needs at least
+        assert quit_after_deleting(server, 1).startswith(b"-ERR [SYS/TEMP]")
+        assert read(os.path.join(spool_dir, "bob")) == data
+        assert sorted(os.listdir(spool_dir)) == ["bob"]
+        os.truncate(filler, os.path.getsize(filler) - (1 << 20))  # a MB free: a sixteenth of the spool
+        assert quit_after_deleting(server, 1).startswith(b"+OK")
+        assert read(os.path.join(spool_dir, "bob")) == new
+        assert sorted(os.listdir(spool_dir)) == ["bob"]
+        server.stop()
+
+
+@pytest.mark.root
+def test_on_a_disk_full_to_the_last_byte_a_user_can_still_log_in_and_delete(spawn):
+    # deleting the last message needs no journal: one truncate, which frees space
+    data = spool_of(1200, body_lines=100)
+    with tmpfs("4m") as where:
+        spool_dir = os.path.join(where, "spool")
+        with spawn({"bob": "secret"}, {"bob": data}, spool=spool_dir) as server:
+            filler = os.path.join(where, "filler")
+            fill(filler)
+            assert quit_after_deleting(server, 1200).startswith(b"+OK")
+            assert read(os.path.join(spool_dir, "bob")) == spool_of(1199, body_lines=100)
+            assert sorted(os.listdir(spool_dir)) == ["bob"]
+            os.unlink(filler)
+
+
+@pytest.mark.root
+def test_a_disk_filling_up_during_the_move_does_not_stop_it(monkeypatch):
+    # the commit point reserves all the room the move takes: a disk that
+    # fills up afterwards (an MDA delivering elsewhere) cannot leave the
+    # spool half moved until space is freed
+    from mpop3.mbox import commit as mbox_commit
+
+    for knob in ("WINDOW_MIN", "WINDOW_MAX"):
+        monkeypatch.setattr(mbox_commit, knob, 64 << 10)
+    data = spool_of(800, body_lines=100)  # 2 MB: thirty windows
+    with tmpfs("8m") as where:
+        spool_dir = os.path.join(where, "spool")
+        os.mkdir(spool_dir)
+        spool = os.path.join(spool_dir, "bob")
+        with open(spool, "wb") as f:
+            f.write(data)
+        windows = []
+
+        def hook(step):
+            if step == "journal-durable":
+                fill(os.path.join(where, "filler"))
+            windows.append(step == "window")
+
+        commit_with_hook(storage(spool_dir), "bob", {0}, hook)
+        assert sum(windows) >= 20
+        assert read(spool) == spool_of(799, start=1, body_lines=100)
+        assert sorted(os.listdir(spool_dir)) == ["bob"]
+
+
+def quit_after_deleting(server, number):
+    wire = Wire(server.port, timeout=60)
+    wire.login("bob", "secret")
+    assert wire.cmd(f"DELE {number}").startswith(b"+OK")
+    reply = wire.cmd("QUIT")
+    wire.close()
+    return reply
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 @pytest.mark.clients
