@@ -67,15 +67,30 @@ class Settings:
         return self.mbox_state_dir or self.storage_dir
 
 
+MARKER = ".mpop3-session"
+JOURNAL = ".mpop3-journal"
+# the longest name a state file adds to a mailbox's (a journal set aside)
+LONGEST_SUFFIX = len(JOURNAL + ".orphaned-99")
+NAME_MAX = 255
+
+
 def check_mailbox_name(name):
-    """The core validates names; a file name is built from this one, so again."""
+    """The core validates names; a file name is built from this one, so
+    again, and it must not be the name of a file kept beside a spool: a
+    dot-lock (MAILBOX.lock, and the dot files it is made from), a session
+    marker or a journal (their suffix is .mpop3-...), whose own names must
+    fit in a file name."""
     if (
         not name
-        or name in (".", "..")
         or "/" in name
         or ".." in name
+        or name.startswith(".")
+        or name.endswith(".lock")
+        or ".mpop3-" in name
         or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+        or len(os.fsencode(name)) + LONGEST_SUFFIX > NAME_MAX
     ):
+        log.error("%r: refused as a mailbox name (a state file's, or not a file name)", name)
         raise StoragePermError("invalid mailbox name")
 
 
@@ -133,19 +148,30 @@ class Mailbox:
         self.key = None
         self.index = None
         self.fingerprint = None
-        self.journal_path = os.path.join(settings.state_dir, name + ".mpop3-journal")
+        self.journal_path = os.path.join(settings.state_dir, name + JOURNAL)
 
     @classmethod
     def open(cls, settings, name):
         """Take the session marker, open and index the spool: the handle."""
+        return cls._opened(settings, name, "load")
+
+    @classmethod
+    def repair(cls, settings, name):
+        """Finish an interrupted commit of this mailbox, as a session's
+        open would, without indexing it (start-up recovery, recover.py)."""
+        cls._opened(settings, name, "replay_pending").close()
+
+    @classmethod
+    def _opened(cls, settings, name, then):
         check_mailbox_name(name)
         try:
-            marker = SessionMarker.acquire(os.path.join(settings.state_dir, name + ".mpop3-session"))
+            marker = SessionMarker.acquire(os.path.join(settings.state_dir, name + MARKER))
         except OSError as e:
             raise _os_failure(name, "taking the session marker", e) from None
         box = cls(settings, name, marker)
         try:
-            box.load()
+            box.open_spool()
+            getattr(box, then)()
         except (StoragePermError, StorageTempError, MailboxInUse):
             box.close()
             raise
@@ -202,24 +228,45 @@ class Mailbox:
         self.fd, self.key = fd, key
 
     def load(self):
-        self.open_spool()
         if self.fd is None:
             self.index = _kernels.Scanner().finish()
             return
-        # Only this session (it holds the marker) writes a journal, so a
-        # look before locking is enough to know whether the scan must write.
-        repair = os.path.exists(self.journal_path) or os.path.exists(self.journal_path + ".tmp")
-        with self.locks(write=self.writable and repair):
-            if self.writable:
-                done = commit.replay(self.fd, self.journal_path)
-                if done:
-                    log.warning("%s: an interrupted commit was %s", self.name, done)
-            elif repair and os.path.exists(self.journal_path):
+        with self.locks(write=self.writable and self.pending()) as held:
+            self.replay(held)
+            self.index = _kernels.scan_fd(self.fd, os.fstat(self.fd).st_size)
+            self.fingerprint = Fingerprint(self.fd, self.index)
+
+    def pending(self):
+        """Whether a journal is there. Only this session (it holds the
+        marker) writes one, so a look before locking is enough to know
+        whether the scan must write."""
+        return os.path.lexists(self.journal_path) or os.path.lexists(self.journal_path + ".tmp")
+
+    def replay_pending(self):
+        if self.fd is None:
+            if self.pending():
+                log.warning("%s: a commit journal waits for a spool that is not there; left alone", self.name)
+            return
+        if self.pending():
+            with self.locks(write=self.writable) as held:
+                self.replay(held)
+
+    def replay(self, held):
+        """Under the MDA locks: finish a commit a crash interrupted, if any."""
+        if not self.writable:
+            if os.path.lexists(self.journal_path):
                 # half rewritten, and we may not finish it: showing it could lie
                 log.error("%s: an interrupted commit needs replaying, but the spool is read-only for us", self.name)
                 raise StorageTempError("mailbox being repaired")
-            self.index = _kernels.scan_fd(self.fd, os.fstat(self.fd).st_size)
-            self.fingerprint = Fingerprint(self.fd, self.index)
+            return
+        outcome = commit.replay(self.fd, self.journal_path, held.refresh)
+        if outcome is None:
+            return
+        what, detail = outcome
+        if what == commit.SET_ASIDE:
+            log.error("%s: the journal of an interrupted commit was %s", self.name, detail)
+        else:
+            log.warning("%s: an interrupted commit was %s", self.name, detail)
 
     def check_unchanged(self, doing):
         if self.fd is not None and not self.fingerprint.matches(self.fd, self.path):
@@ -263,12 +310,12 @@ class Mailbox:
             log.error("%s: the spool is read-only for us; nothing deleted", self.name)
             raise StoragePermError("permission denied")
         try:
-            with self.locks(write=True):
+            with self.locks(write=True) as held:
                 self.check_unchanged("commit")
                 self.check_from_lines(deleted, "commit")
                 size = os.fstat(self.fd).st_size
                 p0, pieces = commit.image_pieces(self.index, deleted, size)
-                commit.commit(self.fd, self.journal_path, p0, pieces, size)
+                commit.commit(self.fd, self.journal_path, p0, pieces, size, held.refresh)
         except OSError as e:
             raise _os_failure(self.name, "committing deletions", e) from None
         log.info("%s: %d message(s) deleted", self.name, len(deleted))
