@@ -11,6 +11,7 @@ include "mpop3_module.pxi"
 from mpop3.mbox._kernels cimport MboxIndex, MsgEntry, mbox_uid
 
 from mpop3.mbox._kernels import dump
+from mpop3.mbox.recover import recover
 from mpop3.mbox.spool import Mailbox, Settings
 from mpop3.storage_functions import WU_ANY, WU_MAILBOX
 
@@ -77,3 +78,8 @@ def storage_synch(box, deleted):
 
 def storage_unlock_mailbox(box):
     box.close()
+
+
+def storage_recover():
+    # every journal a crash left, replayed now, each as its spool's owner
+    recover(settings)
