@@ -190,16 +190,37 @@ def test_parse_command_matches_reference(line):
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=300).filter(lambda b: True), st.lists(st.integers(0, 300), max_size=6), st.integers(3, 64))
-def test_line_reader_matches_reference(data, cuts, max_line):
+@given(
+    st.binary(max_size=300).filter(lambda b: True),
+    st.lists(st.integers(0, 300), max_size=6),
+    st.integers(3, 64),
+    st.integers(1, 8),
+)
+def test_line_reader_matches_reference(data, cuts, max_line, max_lines):
     c, py = _proto.LineReader(max_line), proto_reference.LineReader(max_line)
     points = sorted({min(x, len(data)) for x in cuts})
     previous = 0
     for point in points + [len(data)]:
         piece = data[previous:point]
-        assert c.feed(piece) == py.feed(piece)
-        assert c.pending == py.pending
+        assert c.feed(piece, max_lines) == py.feed(piece, max_lines)
+        assert c.pending == py.pending and c.backlog == py.backlog
+        assert c.more(max_lines) == py.more(max_lines)
         previous = point
+    assert c.more() == py.more() and c.backlog == py.backlog == 0
+
+
+def test_line_reader_takes_a_bounded_number_of_lines_at_a_time():
+    """A read of 85,000 tiny lines is split off 64 at a time; nothing is
+    lost or reordered."""
+    for reader in (_proto.LineReader(255), proto_reference.LineReader(255)):
+        data = b"".join(b"%d\n" % n for n in range(85000))
+        got = reader.feed(data, 64)
+        assert len(got) == 64 and reader.backlog == len(data) - len(b"".join(b"%d\n" % n for n in range(64)))
+        while reader.backlog:
+            batch = reader.more(64)
+            assert 0 < len(batch) <= 64
+            got += batch
+        assert got == [b"%d" % n for n in range(85000)]
 
 
 # What each argument shape accepts, and a line it refuses.

@@ -17,10 +17,15 @@ the same answers, used by the tests as the readable specification.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_SIZE
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcpy
 
 from .commands import COMMANDS, MAX_MSG_NUMBER, TOP_ALL, Args
+
+
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
 
 # parse_command's first item: a command id (> 0), or one of these
 UNKNOWN = 0  # not a command we know, or a NUL in the line
@@ -189,13 +194,18 @@ def parse_command(bytes line):
 cdef class LineReader:
     """Split a byte stream into lines of at most `max_line` octets, line end
     included. feed() returns the complete lines so far, without their line
-    ends; an over-long line comes out once as TOO_LONG (None) and the rest of
-    it, up to the next LF, is dropped (nginx resyncs the same way)."""
+    ends, but at most `max_lines` of them: the rest of the input is held
+    unscanned (`backlog`) until more() asks for it, so one read of tiny
+    lines costs bounded memory and time. An over-long line comes out once
+    as TOO_LONG (None) and the rest of it, up to the next LF, is dropped
+    (nginx resyncs the same way)."""
 
     cdef char *buf
     cdef Py_ssize_t max_line
     cdef Py_ssize_t used  # octets of the unfinished line in buf
     cdef bint skipping  # inside an over-long line: drop input up to the next LF
+    cdef bytes rest  # input not scanned yet (max_lines reached)
+    cdef Py_ssize_t rest_at
 
     def __cinit__(self, Py_ssize_t max_line=255):
         if max_line < 3:
@@ -206,6 +216,8 @@ cdef class LineReader:
         self.max_line = max_line
         self.used = 0
         self.skipping = False
+        self.rest = None
+        self.rest_at = 0
 
     def __dealloc__(self):
         free(self.buf)
@@ -215,13 +227,36 @@ cdef class LineReader:
         """Octets held of an unfinished line."""
         return self.used
 
-    def feed(self, bytes data):
+    @property
+    def backlog(self):
+        """Octets received and not scanned yet."""
+        return 0 if self.rest is None else PyBytes_GET_SIZE(self.rest) - self.rest_at
+
+    def feed(self, bytes data, Py_ssize_t max_lines=PY_SSIZE_T_MAX):
+        if self.rest is not None:
+            data = self.rest[self.rest_at:] + data
+            self.rest = None
+        return self.scan(data, 0, max_lines)
+
+    def more(self, Py_ssize_t max_lines=PY_SSIZE_T_MAX):
+        """The next lines of the backlog, at most `max_lines`."""
+        if self.rest is None:
+            return []
+        data, self.rest = self.rest, None
+        return self.scan(data, self.rest_at, max_lines)
+
+    cdef list scan(self, bytes data, Py_ssize_t start, Py_ssize_t max_lines):
         cdef list out = []
-        cdef const char *p = PyBytes_AS_STRING(data)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef const char *base = PyBytes_AS_STRING(data)
+        cdef const char *p = base + start
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data) - start
         cdef const char *lf
         cdef Py_ssize_t k
         while n > 0:
+            if PyList_GET_SIZE(out) >= max_lines:
+                self.rest = data
+                self.rest_at = p - base
+                break
             lf = <const char *>memchr(p, c'\n', <size_t>n)
             k = (lf - p) + 1 if lf != NULL else n
             if self.skipping:

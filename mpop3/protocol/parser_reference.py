@@ -6,6 +6,8 @@ the kernels, it takes the verbs, ids and argument shapes from the command
 table (commands.py).
 """
 
+import sys
+
 from .commands import COMMANDS, MAX_MSG_NUMBER, TOP_ALL, Args
 
 UNKNOWN = 0
@@ -70,14 +72,30 @@ class LineReader:
         self.max_line = max_line
         self.partial = b""
         self.skipping = False
+        self.rest = b""  # input not scanned yet (max_lines reached)
 
     @property
     def pending(self):
         return len(self.partial)
 
-    def feed(self, data):
+    @property
+    def backlog(self):
+        return len(self.rest)
+
+    def feed(self, data, max_lines=sys.maxsize):
+        data, self.rest = self.rest + data, b""
+        return self.scan(data, max_lines)
+
+    def more(self, max_lines=sys.maxsize):
+        data, self.rest = self.rest, b""
+        return self.scan(data, max_lines)
+
+    def scan(self, data, max_lines):
         out = []
         while data:
+            if len(out) >= max_lines:
+                self.rest = data
+                break
             lf = data.find(b"\n")
             piece, data = (data, b"") if lf < 0 else (data[: lf + 1], data[lf + 1 :])
             if self.skipping:

@@ -40,9 +40,13 @@ from .jobs import decode
 
 log = logging.getLogger("mpop3.session")
 
-# Lines waiting while the core is busy; past this, stop reading the socket
-# until they are handled (bounded memory for a pipelining client).
-MAX_PENDING_LINES = 256
+# Lines split off what the client sent at a time; the rest of a read waits
+# unscanned in the reader, and the socket is not read while lines or bytes
+# wait (one 256 KB read of "ab\n" would otherwise be 85,000 objects).
+LINES_PER_READ = 64
+# Commands handled in one turn of the loop before the other sessions get
+# theirs (a pipelining client cannot hold the loop).
+LINES_PER_TURN = 64
 # Replies gathered before they are written; more pipelined commands wait
 # until the client has read enough (pause_writing), so a client that sends
 # and never reads cannot make the server buffer without bound.
@@ -77,6 +81,7 @@ class Connection:
         "pump_scheduled",
         "eof",
         "reading_paused",
+        "turn_scheduled",
         "closed_waiter",
         "counted",
         "opened",
@@ -106,6 +111,7 @@ class Connection:
         self.pump_scheduled = False
         self.eof = False
         self.reading_paused = False
+        self.turn_scheduled = False  # run() will come again on its own
         self.closed_waiter = None  # a future a one-session process waits on
         self.counted = False  # admitted: the service counts us
         self.opened = None  # a jobs.Opened the login job got ahead of the core
@@ -148,7 +154,7 @@ class Connection:
         if self.closed:
             return
         self.last_active = self.loop.time()
-        lines = self.reader.feed(data)
+        lines = self.reader.feed(data, LINES_PER_READ)
         if self.pending is None:
             self.pending = deque(lines)
         else:
@@ -198,25 +204,39 @@ class Connection:
     # --- feeding the core, in order ------------------------------------------
 
     def run(self):
-        """Feed waiting lines to the core until done or busy, then write."""
-        if self.closed:
+        """Feed waiting lines to the core until done or busy (or this turn's
+        share is used), then write."""
+        self.turn_scheduled = False
+        if self.closed or self.pending is None:
             return
-        pending, out, core = self.pending, self.out, self.core
-        while pending and not core.busy and not self.write_paused and not self.closed:
+        pending, out, core, reader = self.pending, self.out, self.core, self.reader
+        handled = 0
+        while not core.busy and not self.write_paused and not self.closed:
+            if not pending:
+                if not reader.backlog:
+                    break
+                pending.extend(reader.more(LINES_PER_READ))
+                continue
+            if handled == LINES_PER_TURN:
+                if not self.turn_scheduled:
+                    self.turn_scheduled = True
+                    self.loop.call_soon(self.run)
+                break
             self.perform(core.command(pending.popleft()))
+            handled += 1
             if len(out) >= REPLIES_PER_WRITE or (out and len(out[-1]) > BIG_REPLY):
                 self.flush()  # may pause us: a client that does not read gets no more
         if self.closed:
             return
         self.flush()
-        if pending and len(pending) > MAX_PENDING_LINES:
+        if len(pending) >= LINES_PER_READ or reader.backlog:
             if not self.reading_paused:
                 self.reading_paused = True
                 self.transport.pause_reading()
         elif self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
-        if self.eof and not core.busy and not pending:
+        if self.eof and not core.busy and not pending and not reader.backlog:
             self.close()
 
     def perform(self, actions):
