@@ -3,9 +3,13 @@ complete and irreversible (checked in /proc/PID/status of a real process)."""
 
 import grp
 import json
+import os
+import pathlib
 import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -63,12 +67,80 @@ def test_switch_sets_uid_gid_groups_for_good():
     ).stdout
     report = json.loads(out)
     assert report["Uid"] == [str(nobody.pw_uid)] * 4  # real, effective, saved, filesystem
-    assert report["Gid"] == [str(nobody.pw_gid)] * 4
-    assert report["Groups"] == [str(mail)]  # only mail_group is kept
+    gid = str(nobody.pw_gid)
+    assert report["Gid"] == [gid, gid, str(mail), gid]  # mail_group: the saved gid only
+    assert report["Groups"] == []
     assert report["regained"] is False
+
+
+HELD_FOR = textwrap.dedent("""
+    import json, os, sys
+    from mpop3 import mail_group
+    from mpop3.server import privs
+    directory, spool = sys.argv[3], sys.argv[4]
+    privs.switch_to(privs.identity(sys.argv[1], sys.argv[2]))
+
+    def attempt(what, *args):
+        try:
+            what(*args)
+            return True
+        except PermissionError:
+            return False
+
+    def create(name):
+        os.close(os.open(os.path.join(directory, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+
+    report = {"create": attempt(create, "a.lock"), "read": attempt(open, spool)}
+    with mail_group.held_for(directory):
+        report |= {"create held": attempt(create, "b.lock"), "egid held": os.getegid()}
+    report |= {"egid after": os.getegid(), "read after": attempt(open, spool)}
+    print(json.dumps(report))
+""")
+
+
+@pytest.fixture
+def tmp_path_open_to_all():
+    """A directory every user can reach (pytest's own are under a 0700 one)."""
+    path = tempfile.mkdtemp(prefix="mpop3-privs-")
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path)
+
+
+@pytest.mark.root
+def test_the_mail_group_is_taken_only_while_state_files_are_made(tmp_path_open_to_all):
+    """Debian's /var/mail: root:mail 2775, spools 0660 user:mail. A process
+    that gave up root creates files there only inside held_for(), and reads
+    another user's spool never."""
+    mail = grp.getgrnam("mail").gr_gid
+    nobody = pwd.getpwnam("nobody")
+    directory = tmp_path_open_to_all / "mail"
+    directory.mkdir()
+    os.chown(directory, 0, mail)
+    os.chmod(directory, 0o2775)
+    spool = directory / "someone"
+    spool.write_text("From x\n\nmail\n")
+    os.chown(spool, 0, mail)
+    os.chmod(spool, 0o660)
+    out = subprocess.run(
+        [sys.executable, "-c", HELD_FOR, "nobody", "mail", str(directory), str(spool)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    report = json.loads(out)
+    assert report == {
+        "create": False,
+        "read": False,
+        "create held": True,
+        "egid held": mail,
+        "egid after": nobody.pw_gid,
+        "read after": False,
+    }
 
 
 @pytest.mark.root
 def test_switch_to_root_is_refused():
     with pytest.raises(privs.PrivilegeError):
-        privs.switch_to(privs.Identity("root", 0, 0, ()))
+        privs.switch_to(privs.Identity("root", 0, 0))

@@ -101,14 +101,14 @@ def as_user(settings, uid, names):
         gid = pwd.getpwuid(uid).pw_gid
     except KeyError:  # an owner without an account: the spool's group
         gid = os.lstat(os.path.join(settings.storage_dir, names[0])).st_gid
-    groups = [gid] + spool_directory_group(settings.storage_dir)
+    mail_gid = spool_directory_group(settings.storage_dir) or gid
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
+            os.setgroups([])
+            os.setresgid(gid, gid, mail_gid)  # the directory's group: held as mail_group.py says
+            os.setresuid(uid, uid, uid)
             repair_all(settings, names)
             code = 0
         except BaseException:
@@ -124,9 +124,9 @@ def as_user(settings, uid, names):
 
 def spool_directory_group(directory):
     """The spool directory's group, if that group may create files there
-    (Debian's /var/mail, root:mail 2775): dot-locks are made there."""
+    (Debian's /var/mail, root:mail 2775): dot-locks are made there; else None."""
     try:
         st = os.stat(directory)
     except OSError:
-        return []
-    return [st.st_gid] if st.st_mode & stat.S_IWGRP and st.st_gid != 0 else []
+        return None
+    return st.st_gid if st.st_mode & stat.S_IWGRP and st.st_gid != 0 else None

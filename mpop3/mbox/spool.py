@@ -17,6 +17,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
+from .. import mail_group
 from ..errors import MailboxInUse, ModuleInitError, StoragePermError, StorageTempError
 from . import _kernels, commit
 from .lock import SessionMarker, parse_methods, spool_locks
@@ -164,6 +165,11 @@ class Mailbox:
     @classmethod
     def _opened(cls, settings, name, then):
         check_mailbox_name(name)
+        with mail_group.held_for(settings.storage_dir, settings.state_dir):
+            return cls._opened_with_group(settings, name, then)
+
+    @classmethod
+    def _opened_with_group(cls, settings, name, then):
         try:
             marker = SessionMarker.acquire(os.path.join(settings.state_dir, name + MARKER))
         except OSError as e:
@@ -310,7 +316,10 @@ class Mailbox:
             log.error("%s: the spool is read-only for us; nothing deleted", self.name)
             raise StoragePermError("permission denied")
         try:
-            with self.locks(write=True) as held:
+            with (
+                mail_group.held_for(self.settings.storage_dir, self.settings.state_dir),
+                self.locks(write=True) as held,
+            ):
                 self.check_unchanged("commit")
                 self.check_from_lines(deleted, "commit")
                 size = os.fstat(self.fd).st_size
@@ -327,7 +336,8 @@ class Mailbox:
             os.close(self.fd)
             self.fd = None
         if self.marker is not None:
-            self.marker.release()
+            with mail_group.held_for(self.settings.state_dir):
+                self.marker.release()
             self.marker = None
 
 

@@ -57,19 +57,19 @@ class Identity:
     name: str
     uid: int
     gid: int
-    groups: tuple  # supplementary groups kept after the switch
+    mail_gid: int | None = None  # kept as the saved gid only (mpop3/mail_group.py)
 
 
 def identity(user_name, mail_group=None):
     """The identity to switch to; KeyError if the user does not exist."""
     pw = pwd.getpwnam(user_name)
-    groups = ()
+    mail_gid = None
     if mail_group:
         try:
-            groups = (grp.getgrnam(mail_group).gr_gid,)
+            mail_gid = grp.getgrnam(mail_group).gr_gid
         except KeyError:
-            groups = ()
-    return Identity(pw.pw_name, pw.pw_uid, pw.pw_gid, groups)
+            mail_gid = None
+    return Identity(pw.pw_name, pw.pw_uid, pw.pw_gid, mail_gid)
 
 
 class SessionIdentities:
@@ -98,7 +98,7 @@ class SessionIdentities:
             return self.fixed
         if pw.pw_uid == 0 or pw.pw_gid == 0:
             raise PrivilegeError(f"mailbox {mailbox!r} belongs to a root account; refusing to serve it")
-        return Identity(pw.pw_name, pw.pw_uid, pw.pw_gid, self.fixed.groups)
+        return Identity(pw.pw_name, pw.pw_uid, pw.pw_gid, self.fixed.mail_gid)
 
 
 def check_safe_user(user_name):
@@ -137,13 +137,15 @@ def running_as_root():
 
 
 def switch_to(who):
-    """Become `who` for good: groups first, then gid, then uid, all three of
-    real, effective and saved ids, so nothing can bring root back."""
+    """Become `who` for good: no supplementary groups, then gid, then uid,
+    all three of real, effective and saved ids, so nothing can bring root
+    back; the mail group, if any, stays as the saved gid alone."""
     if who.uid == 0:
         raise PrivilegeError(f"refusing to switch to {who.name!r}: uid 0")
+    saved_gid = who.gid if who.mail_gid is None else who.mail_gid
     try:
-        os.setgroups(list(who.groups))
-        os.setresgid(who.gid, who.gid, who.gid)
+        os.setgroups([])
+        os.setresgid(who.gid, who.gid, saved_gid)
         os.setresuid(who.uid, who.uid, who.uid)
     except OSError as e:
         raise PrivilegeError(f"cannot switch to user {who.name!r}: {e.strerror}") from None
@@ -153,9 +155,9 @@ def switch_to(who):
         pass
     else:
         raise PrivilegeError("switched users but could regain root; stopping")
-    if os.getresuid() != (who.uid,) * 3 or os.getresgid() != (who.gid,) * 3:
-        raise PrivilegeError(f"switching to {who.name!r} left ids {os.getresuid()} {os.getresgid()}")
-    log.debug("now running as %s (uid %d, gid %d, groups %s)", who.name, who.uid, who.gid, who.groups)
+    if os.getresuid() != (who.uid,) * 3 or os.getresgid() != (who.gid, who.gid, saved_gid) or os.getgroups():
+        raise PrivilegeError(f"switching to {who.name!r} left ids {os.getresuid()} {os.getresgid()} {os.getgroups()}")
+    log.debug("now running as %s (uid %d, gid %d, mail gid %s)", who.name, who.uid, who.gid, who.mail_gid)
 
 
 # --- what the process models ask ---------------------------------------------
