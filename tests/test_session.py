@@ -388,6 +388,14 @@ def test_a_pipelining_flood_does_not_hold_up_other_sessions(server):
     assert took < 0.5, took
 
 
+def test_a_client_that_hangs_up_without_a_word_is_let_go_at_once(tables):
+    with ServerThread(tables, {"max_sessions_per_ip": "1"}) as s:
+        w = Wire(s.port)
+        w.sock.shutdown(socket.SHUT_WR)
+        assert w.closed()  # the server closes its side too
+        assert wait_for(lambda: Wire(s.port).greeting.startswith(b"+OK"), seconds=2)  # and frees the slot
+
+
 def test_nul_bytes_make_a_command_invalid(server):
     w = logged_in(server)
     assert w.cmd(b"NO\0OP") == replies.ERR_UNKNOWN.wire[:-2]

@@ -198,7 +198,7 @@ class Connection:
         self.last_active = self.loop.time()
         if self.stream is not None:
             self.pump()
-        elif self.pending:
+        elif self.pending or self.reader.backlog:
             self.run()
 
     # --- feeding the core, in order ------------------------------------------
@@ -207,8 +207,10 @@ class Connection:
         """Feed waiting lines to the core until done or busy (or this turn's
         share is used), then write."""
         self.turn_scheduled = False
-        if self.closed or self.pending is None:
+        if self.closed:
             return
+        if self.pending is None:  # nothing came yet: an end of input, say
+            self.pending = deque()
         pending, out, core, reader = self.pending, self.out, self.core, self.reader
         handled = 0
         while not core.busy and not self.write_paused and not self.closed:
