@@ -45,7 +45,7 @@ class AuthFunctions(FunctionTable):
         (an unknown user costs the same comparison), then auth_login(user).
         """
         expected = self.auth_password(user)
-        known = expected is not None
+        known = bool(expected)  # an empty password never logs in
         candidate = (expected if known else "\0unknown user\0").encode("utf-8", "surrogateescape")
         given = password.encode("utf-8", "surrogateescape")
         if hmac.compare_digest(candidate, given) and known:

@@ -3,7 +3,9 @@ edge cases, DELE/RSET/QUIT semantics, pipelining, limits and abuse. The
 server is the real one (mpop3/server.py on uvloop) with in-memory tables,
 so each test can see exactly what was committed."""
 
+import base64
 import hashlib
+import hmac
 import poplib
 import re
 import socket
@@ -476,6 +478,25 @@ def test_a_repeated_wrong_password_does_not_escalate(tables):
     with ServerThread(tables, {"login_fail_delay": "0.1", "login_fail_delay_max": "0.8"}) as s:
         times = [timed_failure(s.port, "old-password") for _ in range(4)]
         assert all(0.1 <= t < 0.18 for t in times), times
+
+
+def test_an_empty_password_never_logs_in_whatever_the_module_says():
+    """A module that hands over "" as a user's password (or says yes to an
+    empty one) logs nobody in: not by PASS, AUTH PLAIN, APOP or CRAM-MD5."""
+    tables = memory_tables({"eve": ""}, {"eve": []})
+    tables.auth.auth_attempt_login = lambda user, password: "eve"  # a module that says yes to anything
+    with ServerThread(tables, {"login_fail_delay": "0", "max_login_failures": "10"}) as s:
+        w = Wire(s.port)
+        stamp = re.search(rb"<.*>", w.greeting).group(0)
+        assert w.cmd(f"APOP eve {hashlib.md5(stamp).hexdigest()}") == replies.ERR_AUTH.wire[:-2]
+        assert w.cmd("AUTH PLAIN " + base64.b64encode(b"\0eve\0").decode()) == replies.ERR_AUTH.wire[:-2]
+        reply = w.cmd("AUTH CRAM-MD5")
+        challenge = base64.b64decode(reply[2:])
+        digest = hmac.new(b"", challenge, "md5").hexdigest()
+        assert w.cmd(base64.b64encode(f"eve {digest}".encode()).decode()) == replies.ERR_AUTH.wire[:-2]
+        assert w.cmd("USER eve") == replies.OK_USER.wire[:-2]
+        assert w.cmd("PASS ").startswith(b"-ERR")
+        assert w.cmd("NOOP").startswith(b"-ERR")  # still not logged in
 
 
 def test_apop(server):

@@ -44,7 +44,8 @@ def check_login(auth, limits, group, action):
     user = decode(action.user)
     secret = decode(action.secret)
     if action.method == core.PASSWORD:
-        mailbox = auth.auth_attempt_login(user, secret)
+        # an empty password never logs in, whatever a module would say
+        mailbox = auth.auth_attempt_login(user, secret) if secret else None
     elif action.method == core.APOP:
         mailbox = apop_check(auth, user, secret, action.challenge)
     else:
@@ -120,7 +121,7 @@ def apop_check(auth, user, digest, timestamp):
     """RFC 1939 APOP: digest = MD5(timestamp + password), in lower-case hex.
     An unknown user costs the same hashing as a known one."""
     password = auth.auth_password(user)
-    known = password is not None
+    known = bool(password)  # an empty password never logs in
     secret = (password if known else UNKNOWN_USER_PASSWORD).encode("utf-8", "surrogateescape")
     expected = hashlib.md5(timestamp + secret).hexdigest().encode()
     if hmac.compare_digest(expected, digest.lower().encode("utf-8", "surrogateescape")) and known:
@@ -132,7 +133,7 @@ def cram_md5_check(auth, user, digest, challenge):
     """RFC 2195: digest = HMAC-MD5(password, challenge) in lower-case hex.
     An unknown user costs the same hashing as a known one."""
     password = auth.auth_password(user)
-    known = password is not None
+    known = bool(password)
     answer = sasl.Credentials(user, challenge=challenge, digest=digest.lower())
     if sasl.cram_md5_matches(answer, password if known else UNKNOWN_USER_PASSWORD) and known:
         return auth.auth_login(user)
