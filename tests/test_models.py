@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from mbox_helpers import mbox
@@ -68,6 +69,36 @@ def test_login_delay_holds_in_every_model(spawn, model):
             break
     assert model != "prefork" or len(servers) == 2, servers
     assert login_reply(server.port, "alice")[0].startswith(b"+OK maildrop")  # another mailbox
+
+
+def guess_and_hang_up(port, user):
+    w = Wire(port)
+    w.cmd(f"USER {user}")
+    w.send(b"PASS wrong\r\n")
+    time.sleep(0.1)  # checked (no delay yet) before the connection goes
+    w.close()
+
+
+def timed_login(port, user):
+    w = Wire(port)
+    w.cmd(f"USER {user}")
+    start = time.monotonic()
+    reply = w.cmd("PASS pw")
+    took = time.monotonic() - start
+    w.cmd("QUIT")
+    return reply, took
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_after_a_failure_the_right_password_waits_the_delay_in_every_model(spawn, model):
+    """Whichever process serves the next attempt: the failure's delay holds
+    for that user from that address, and only for that user."""
+    server = spawn(USERS, BOXES, **site(model, login_fail_delay="1", login_fail_delay_max="1"))
+    guess_and_hang_up(server.port, "bob")
+    reply, took = timed_login(server.port, "alice")
+    assert reply.startswith(b"+OK maildrop") and took < 0.5, took
+    reply, took = timed_login(server.port, "bob")
+    assert reply.startswith(b"+OK maildrop") and took >= 0.7, took
 
 
 def test_login_delay_holds_in_stdin_mode(tmp_path):
