@@ -28,7 +28,7 @@ import dovecot
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from pop_server import served_as_safe_user  # noqa: E402  (the spools, as the tests give them to safe_user)
+from pop_server import make_certificate, served_as_safe_user  # noqa: E402  (the spools, as the tests give them to safe_user)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TREE = os.path.dirname(HERE)
@@ -127,7 +127,7 @@ def site(tmp_path_factory):
         (spool / f"r{i}").write_bytes(big)
     served_as_safe_user(spool)
     tls_port = free_port()
-    cert = make_certificate(root)
+    cert, key = make_certificate(root, "localhost")
     # spools opened by the server's own user (`mailbox_user any`): as root,
     # the whole server becomes safe_user after bind and serves many
     # sessions per process (privilege rule 3)
@@ -136,7 +136,7 @@ def site(tmp_path_factory):
         root,
         f"processes 1\nauth_module auth_file\n> passwd_file {root}/passwd\n"
         + shared
-        + f"tls_cert {cert}\nlisten_tls 127.0.0.1:{tls_port}\n",
+        + f"tls_cert {cert}\ntls_key {key}\nlisten_tls 127.0.0.1:{tls_port}\n",
     )
     multi, multi_port = start_mpop3(
         root, f"processes {PROCESSES}\nauth_module auth_file\n> passwd_file {root}/passwd\n" + shared
@@ -153,7 +153,7 @@ def site(tmp_path_factory):
     core, core_port = start_mpop3(
         root,
         f"processes 1\nauth_module auth_file\n> passwd_file {root}/passwd\n"
-        f"tls_cert {cert}\nlisten_tls 127.0.0.1:{core_tls_port}\n",
+        f"tls_cert {cert}\ntls_key {key}\nlisten_tls 127.0.0.1:{core_tls_port}\n",
     )
     canned_port = free_port()
     canned = subprocess.Popen(
@@ -194,36 +194,6 @@ def site(tmp_path_factory):
             proc.kill()
             proc.wait()
     shutil.rmtree(root, ignore_errors=True)
-
-
-def make_certificate(root):
-    """A self-signed ECDSA P-256 certificate and its key in one PEM file."""
-    path = root / "tls.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(path),
-            "-out",
-            str(root / "cert.pem"),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    with open(path, "ab") as f:
-        f.write((root / "cert.pem").read_bytes())
-    return path
 
 
 def wait_listening(port):

@@ -54,18 +54,18 @@ SWITCH_AND_REPORT = textwrap.dedent("""
 """)
 
 
+def run_as_switched(script, *args):
+    """What `script` prints (JSON), run in a Python of its own (a switch
+    cannot be undone)."""
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True, timeout=30)
+    return json.loads(out.stdout)
+
+
 @pytest.mark.root
 def test_switch_sets_uid_gid_groups_for_good():
     nobody = pwd.getpwnam("nobody")
     mail = grp.getgrnam("mail").gr_gid
-    out = subprocess.run(
-        [sys.executable, "-c", SWITCH_AND_REPORT, "nobody", "mail"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    report = json.loads(out)
+    report = run_as_switched(SWITCH_AND_REPORT, "nobody", "mail")
     assert report["Uid"] == [str(nobody.pw_uid)] * 4  # real, effective, saved, filesystem
     gid = str(nobody.pw_gid)
     assert report["Gid"] == [gid, gid, str(mail), gid]  # mail_group: the saved gid only
@@ -122,14 +122,7 @@ def test_the_mail_group_is_taken_only_while_state_files_are_made(tmp_path_open_t
     spool.write_text("From x\n\nmail\n")
     os.chown(spool, 0, mail)
     os.chmod(spool, 0o660)
-    out = subprocess.run(
-        [sys.executable, "-c", HELD_FOR, "nobody", "mail", str(directory), str(spool)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    report = json.loads(out)
+    report = run_as_switched(HELD_FOR, "nobody", "mail", str(directory), str(spool))
     assert report == {
         "create": False,
         "read": False,
