@@ -135,9 +135,7 @@ class LoginThrottle:
         return h.digest()
 
     def delay(self, failures):
-        if failures <= 0:
-            return 0.0
-        return min(self.maximum, self.base * 2 ** min(failures - 1, 32))
+        return failure_delay(failures, self.base, self.maximum)
 
     def reserve(self, group, user_key):
         """Seconds this attempt must wait before its password is checked.
@@ -145,54 +143,35 @@ class LoginThrottle:
         address) are checked one delay apart however many arrive at once."""
         now = self.clock()
         with self.lock:
-            start = now
             record = self.live(self.users, (group, user_key), now)
-            if record is not None and record[0]:
-                start = max(start, record[3])
-                record[3] = start + self.delay(record[0])
             spray = self.live(self.groups, group, now)
-            spraying = self.spray_delay(spray)
-            if spraying:
-                start = max(start, spray[1])
-                spray[1] = start + spraying
-        return start - now
+            return take_turn(record, spray, now, self.delay)
 
     def failed(self, group, user_key, mark):
         """Record a failed login; the seconds to wait before answering it."""
         now = self.clock()
         with self.lock:
-            record = self.live(self.users, (group, user_key), now, pop=True) or [0, now, [], now]
-            if mark not in record[2]:
-                record[0] += 1
-                record[2].append(mark)
-                del record[2][:-FINGERPRINTS]
-            record[1] = now
-            record[3] = max(record[3], now + self.delay(record[0]))
+            record = self.live(self.users, (group, user_key), now, pop=True) or new_record(now)
+            spray = self.live(self.groups, group, now, pop=True) or new_spray(now)
+            answer = count_failure(record, spray, user_key, mark, now, self.delay)
             self.remember(self.users, (group, user_key), record)
-            spray = self.live(self.groups, group, now, pop=True) or [{}, now]
-            spray[0].pop(user_key, None)
-            spray[0][user_key] = now
-            while len(spray[0]) > SPRAY_MEMORY:
-                del spray[0][next(iter(spray[0]))]
-            spraying = self.spray_delay(spray)
-            spray[1] = max(spray[1], now + spraying)
             self.remember(self.groups, group, spray)
-            return max(self.delay(record[0]), spraying)
+            return answer
 
     def succeeded(self, group, user_key):
         with self.lock:
             self.users.pop((group, user_key), None)
 
     def spray_delay(self, spray):
-        return 0.0 if spray is None else self.delay(len(spray[0]) - SPRAY_USERS)
+        return spray_delay(spray, self.delay)
 
     def live(self, table, key, now, pop=False):
         """table[key] unless forgotten: quiet for FAILURE_MEMORY."""
         entry = table.pop(key, None) if pop else table.get(key)
         if entry is None:
             return None
-        last = entry[1] if table is self.users else max(entry[0].values(), default=0)
-        if now - last > FAILURE_MEMORY:
+        last = entry[1] if table is self.users else spray_last(entry)
+        if forgotten(last, now):
             table.pop(key, None)
             return None
         return entry
@@ -201,6 +180,76 @@ class LoginThrottle:
         table[key] = entry  # the newest last: the oldest are forgotten first
         while len(table) > MAX_RECORDS:
             table.popitem(last=False)
+
+
+# The throttle's arithmetic, on its two kinds of record, wherever they are
+# kept (LoginThrottle's tables, or files: mpop3/server/file_throttle.py):
+# - a user's record, per (address group, user key): [failures, last failure,
+#   fingerprints of the distinct wrong passwords, next check];
+# - an address group's spraying record: [{user key: last failure}, next check].
+# `delay` is failures -> seconds (LoginThrottle.delay).
+
+
+def failure_delay(failures, base, maximum):
+    """The delay after `failures` distinct wrong passwords: base, doubling, up to maximum."""
+    if failures <= 0:
+        return 0.0
+    return min(maximum, base * 2 ** min(failures - 1, 32))
+
+
+def new_record(now):
+    return [0, now, [], now]
+
+
+def new_spray(now):
+    return [{}, now]
+
+
+def spray_last(spray):
+    """When the group's last remembered failure was."""
+    return max(spray[0].values(), default=0)
+
+
+def forgotten(last, now):
+    """Whether failures last seen at `last` are forgotten by `now`."""
+    return now - last > FAILURE_MEMORY
+
+
+def spray_delay(spray, delay):
+    return 0.0 if spray is None else delay(len(spray[0]) - SPRAY_USERS)
+
+
+def take_turn(record, spray, now, delay):
+    """reserve(): the seconds to wait before this attempt's check, taking
+    that time from the user's record and the group's spraying record
+    (either may be None: nothing remembered)."""
+    start = now
+    if record is not None and record[0]:
+        start = max(start, record[3])
+        record[3] = start + delay(record[0])
+    spraying = spray_delay(spray, delay)
+    if spraying:
+        start = max(start, spray[1])
+        spray[1] = start + spraying
+    return start - now
+
+
+def count_failure(record, spray, user_key, mark, now, delay):
+    """failed(): count a failure into both records; the seconds to wait
+    before answering it."""
+    if mark not in record[2]:
+        record[0] += 1
+        record[2].append(mark)
+        del record[2][:-FINGERPRINTS]
+    record[1] = now
+    record[3] = max(record[3], now + delay(record[0]))
+    spray[0].pop(user_key, None)
+    spray[0][user_key] = now
+    while len(spray[0]) > SPRAY_MEMORY:
+        del spray[0][next(iter(spray[0]))]
+    spraying = spray_delay(spray, delay)
+    spray[1] = max(spray[1], now + spraying)
+    return max(delay(record[0]), spraying)
 
 
 class LoginDelayClock:

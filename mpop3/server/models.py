@@ -22,7 +22,8 @@ import os
 import signal
 
 from . import privs
-from .limits import FileLoginClock, LoginThrottle
+from .file_throttle import FileLoginThrottle
+from .limits import FileLoginClock
 from .per_session import SessionProcesses
 from .prefork import Prefork
 from .service import Service, bind, new_loop
@@ -113,7 +114,9 @@ def serve_connection(conf, tables, sock, channel, before_open):
 
 def serve_stdin(conf, tables, before_open):
     """One session on descriptors 0 and 1. Nothing outlives it here but
-    files: LOGIN-DELAY's clock is kept in state_dir."""
+    files: LOGIN-DELAY's clock and the failed-login records are kept in
+    state_dir (a throttle that cannot use it is logged and lets logins
+    through, throttled within the session only)."""
     delay = conf.values["login_delay"]
     state_dir = conf.values["state_dir"]
     if delay > 0 and not os.access(state_dir, os.W_OK | os.X_OK):
@@ -125,7 +128,7 @@ def serve_stdin(conf, tables, before_open):
         )
         return 1
     limits = (
-        LoginThrottle(conf.values["login_fail_delay"], conf.values["login_fail_delay_max"]),
+        FileLoginThrottle(state_dir, conf.values["login_fail_delay"], conf.values["login_fail_delay_max"]),
         FileLoginClock(state_dir),
     )
 
