@@ -40,14 +40,15 @@ $(VENV)/.deps: requirements.txt
 build: $(VENV)/.deps
 	$(VPY) setup.py -q build_ext --inplace
 
-# The installed tree is self-contained: its own copy of the package, uvloop
-# and Cython (for module.mk) under $(PYLIBDIR), run by the interpreter that
-# built the extensions; nothing points back into this build tree.
+# The installed tree is self-contained: its own copy of the package, uvloop,
+# psycopg and its pool (auth_postgresql) and Cython (for module.mk) under
+# $(PYLIBDIR), run by the interpreter that built the extensions; nothing
+# points back into this build tree.
 install: build
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PYLIBDIR)/mpop3/include $(DESTDIR)$(MODDIR) \
 	    $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(DATADIR)/include
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps --upgrade \
-	    --target $(DESTDIR)$(PYLIBDIR) $$($(VPY) -m pip freeze | grep -iE '^(uvloop|cython)==')
+	    --target $(DESTDIR)$(PYLIBDIR) $$($(VPY) -m pip freeze | grep -iE '^(uvloop|cython|psycopg|psycopg.pool|typing.extensions)==')
 	find mpop3 -name '*.py' -o -name '*.pxd' -o -name '*.pxi' | while read f; do \
 	    install -D -m 644 $$f $(DESTDIR)$(PYLIBDIR)/$$f; done
 	find mpop3 -name '*.so' | while read f; do install -D -m 755 $$f $(DESTDIR)$(PYLIBDIR)/$$f; done
