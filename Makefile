@@ -70,6 +70,8 @@ install: build
 	    sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' contrib/$$unit.in \
 	    > $(DESTDIR)$$(case $$unit in xinetd*) echo $(DATADIR);; *) echo $(UNITDIR);; esac)/$$unit; done
 	install -m 644 contrib/mpop3.socket $(DESTDIR)$(UNITDIR)/
+	install -d $(DESTDIR)$(DATADIR)/pam.d
+	install -m 644 contrib/pam.d/mpop3 $(DESTDIR)$(DATADIR)/pam.d/mpop3
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/mpop3.conf ]; then \
 	    echo "keeping the existing $(DESTDIR)$(SYSCONFDIR)/mpop3.conf"; \
 	else install -m 644 mpop3.conf $(DESTDIR)$(SYSCONFDIR)/mpop3.conf; fi
