@@ -1,6 +1,7 @@
 """mpop3.conf parsing and the administrator's mistakes: each is one line
 `CONFIG:LINE: what is wrong`, a non-zero exit, never a traceback."""
 
+import glob
 import os
 import re
 
@@ -120,7 +121,9 @@ def test_every_module_setting_is_documented():
     """README.md has a row for each setting each shipped module accepts."""
     with open(os.path.join(TREE, "README.md")) as f:
         readme = f.read()
-    for name in ("auth_file", "auth_getpw", "storage_mbox"):
+    shipped = sorted(os.path.basename(p)[:-4] for p in glob.glob(os.path.join(TREE, "modules", "*.pyx")))
+    assert {"auth_file", "auth_getpw", "auth_pam", "auth_postgresql", "storage_maildir", "storage_mbox"} <= set(shipped)
+    for name in shipped:
         module = loader.import_module_file(
             config.resolve_module_file(name, config.DIRECTIVES["module_dir"].default), "t"
         )
