@@ -266,13 +266,15 @@ class Connection:
         """End the session: a last reply, then close; commits nothing."""
         if self.closed:
             return
+        # the mailbox first: a client told +OK to QUIT may log in again at
+        # once, maybe in another process, and must not find it [IN-USE]
+        self.release()
         if reply is not None:
             self.out.append(reply.wire)
         self.flush()
         self.closed = True
         self.core.closed()
         self.withdraw_login()
-        self.release()
         self.stream = None
         self.transport.close()
 
