@@ -169,8 +169,8 @@ LOOP = "uvloop"  # what ServerThread runs on; a test module may ask for both (lo
 class ServerThread:
     """The real Service on an event loop in a daemon thread."""
 
-    def __init__(self, tables, extra=None):
-        self.conf = make_conf(extra)
+    def __init__(self, tables, extra=None, listen=None):
+        self.conf = make_conf(extra, listen)
         self.tables = tables
         self.loop = LOOPS[LOOP]()
         self.ready = threading.Event()

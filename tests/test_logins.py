@@ -11,6 +11,9 @@ routes all of 127.0.0.0/8 to lo."""
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -235,6 +238,42 @@ def test_ipv6_addresses_are_grouped_by_prefix():
     assert address_group("::ffff:192.0.2.7") == "192.0.2.7"
     assert address_group("192.0.2.7") == "192.0.2.7"
     assert address_group("stdin") == "stdin"
+
+
+IPV6_CLIENTS = textwrap.dedent("""
+    # in a network namespace of its own: IPv6 addresses on lo, the real
+    # Service, clients from several addresses of two /64 networks
+    import subprocess, sys
+    sys.path.insert(0, sys.argv[1])
+    from pop_server import ServerThread, Wire, memory_tables
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    for address in ("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2::3", "2001:db8:1:3::1"):
+        subprocess.run(["ip", "-6", "addr", "add", address + "/64", "dev", "lo", "nodad"], check=True)
+    tables = memory_tables({"bob": "pw"}, {"bob": []})
+    extra = {"max_sessions_per_ip": "2", "ipv6_prefix": sys.argv[2]}
+    with ServerThread(tables, extra, listen="[2001:db8:1:2::1]:1110") as s:  # any port: the namespace is ours
+        clients = [Wire(s.port, host="2001:db8:1:2::1", source=f"2001:db8:1:2::{n}") for n in (1, 2, 3)]
+        clients.append(Wire(s.port, host="2001:db8:1:2::1", source="2001:db8:1:3::1"))
+        print(" ".join("ok" if w.greeting.startswith(b"+OK") else "refused" for w in clients))
+""")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("prefix, expected", [("64", "ok ok refused ok"), ("128", "ok ok ok ok")])
+def test_ipv6_clients_of_one_network_share_the_per_address_limit(prefix, expected):
+    """Real IPv6 connections, in a network namespace: with max_sessions_per_ip
+    2, a third address of the same /64 is refused, another /64 is not; with
+    ipv6_prefix 128 every address counts alone."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        ["unshare", "--net", sys.executable, "-c", IPV6_CLIENTS, tests, prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=TREE),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == expected
 
 
 def auth_file(tmp_path, passwd):
