@@ -30,6 +30,13 @@ class StoragePermError(StorageError):
     """A failure that will not go away by retrying: answer -ERR [SYS/PERM]."""
 
 
+class MessageGone(StorageTempError):
+    """One message is no longer there (another client expunged it): answer
+    -ERR [SYS/TEMP] for that message only; the session goes on. Raised by
+    storage_dump_* before the message's first chunk. Anywhere else it is
+    what it derives from, a temporary failure."""
+
+
 class MailboxInUse(StorageError):
     """Another session holds the mailbox: answer -ERR [IN-USE]."""
 

@@ -20,6 +20,11 @@ Messages are numbered from 0 here; the core translates POP3's numbers.
 
 Failures are reported by raising mpop3.errors.MailboxInUse (-ERR [IN-USE]),
 StorageTempError (-ERR [SYS/TEMP]) or StoragePermError (-ERR [SYS/PERM]).
+A StorageTempError from RETR or TOP ends the session (the mailbox changed
+under it), except MessageGone: one message is no longer there (a Maildir
+file another client expunged), and the core answers -ERR [SYS/TEMP] for
+that message alone while the session goes on. Raise it from
+storage_dump_* before the first chunk.
 Entries may block (disk I/O): the server calls the slow ones, lock and
 synch, off its event loop.
 

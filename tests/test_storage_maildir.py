@@ -1,10 +1,13 @@
 """storage_maildir: the real `mpop3` serving Maildirs that real MDAs
-(procmail, getmail_maildir) deliver to, fetched by real clients (poplib,
-fetchmail) byte for byte; the listing's Cython kernel against its Python
-reference; [IN-USE] across two server processes; mail delivered during a
-session; vanished and renamed messages; kill -9 at every step of QUIT; the
-sizes cache (damaged, wrong, and a warm open without a per-message open or
-stat, counted with strace); Dovecot's dovecot-uidlist; the hostile cases."""
+(procmail, getmail_maildir, dovecot-lda) deliver to, fetched by real clients
+(poplib, curl, fetchmail, getmail6, mpop) byte for byte; UIDLs and RETR
+equal to what a real Dovecot 2.3 answers for the same Maildir; the
+listing's Cython kernel against its Python reference; [IN-USE] across two
+server processes; mail delivered during a session; vanished messages
+refused alone ([SYS/TEMP], the session goes on) and renamed ones found;
+kill -9 at every step of QUIT; the sizes cache (damaged, wrong, and a warm
+open without a per-message open or stat, counted with strace); the hostile
+cases; a system user's ~/Maildir opened as that user (WU_MAILBOX)."""
 
 import glob
 import hashlib
@@ -17,19 +20,28 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
+import types
 
+import dovecot_maildir
 import pytest
+import test_clients as clients
 from pop_server import TREE, Spawned, Wire, crlf_size, served_as_safe_user, wait_for, wire_form
 
+from mpop3.errors import MessageGone
 from mpop3.loader import import_module_file
 from mpop3.maildir import _names, names, uidlist
+from mpop3.maildir import box as maildir_box
+from mpop3.protocol import replies
+from mpop3.protocol.core import CLOSE, Policy, SendMessage, SessionCore
 
 MODULE_PATH = glob.glob(os.path.join(TREE, "modules", "storage_maildir.*.so"))[0]
 ROOT = os.geteuid() == 0
 # started as root, the server serves every Maildir as safe_user (mailbox_user any)
 OWNER = pwd.getpwnam("nobody") if ROOT else None
-USERS = [f"u{i}" for i in range(24)]
+USERS = [f"u{i}" for i in range(24)] + ["bob"]  # bob: tests/test_clients.py's user
 
 MESSAGES = [
     b"From: a@example.org\nSubject: dots\n\n.starts with a dot\n..two\n.\ncaf\xc3\xa9\n",
@@ -55,7 +67,7 @@ def own(path):
 
 
 class Site:
-    """A passwd file (users u0..u23, password pw), Maildirs under
+    """A passwd file (users u0..u23 and bob, password pw), Maildirs under
     root/mail/USER/Maildir, and a config loading storage_maildir."""
 
     def __init__(self, root, options=None):
@@ -143,10 +155,11 @@ def test_name_info_matches_the_reference():
 def test_size_counter_at_every_split(message):
     want = crlf_size(message)  # what the kernel's DotWriter sends, before stuffing
     for cut in range(0, len(message) + 1, max(1, len(message) // 50)):
-        c = names.SizeCounter()
-        c.feed(message[:cut])
-        c.feed(message[cut:])
-        assert c.result() == want, cut
+        for counter in (names.SizeCounter, _names.SizeCounter):  # the reference and the kernel
+            c = counter()
+            c.feed(message[:cut])
+            c.feed(message[cut:])
+            assert c.result() == want, (counter, cut)
 
 
 def test_filename_uidl_rules():
@@ -213,8 +226,6 @@ def test_procmail_and_getmail_deliver_fetchmail_keeps_by_uidl(site, tmp_path):
         command = ["fetchmail", "-f", str(fetchrc), "--idfile", str(home / ".fetchids"), "--nosyslog"]
         return subprocess.run(command, env=env, capture_output=True, timeout=60).returncode
 
-    if not shutil.which("fetchmail"):
-        pytest.skip("fetchmail is not installed")
     assert fetchmail() == 0
     assert len(os.listdir(out)) == 2
     assert fetchmail() == 1  # 1: nothing new
@@ -277,7 +288,9 @@ def test_vanished_message_is_refused_alone_and_a_renamed_one_found(site):
     first, second = sorted(os.listdir(md / "new"))[:2]
     os.unlink(md / "new" / first)  # another client expunged it
     os.rename(md / "new" / second, md / "cur" / (second + ":2,RS"))  # another client flagged it
-    assert w.cmd("RETR 1").startswith(b"-ERR")
+    assert w.cmd("RETR 1") == b"-ERR [SYS/TEMP] message 1 is no longer there"
+    assert w.cmd("TOP 1 0") == b"-ERR [SYS/TEMP] message 1 is no longer there"
+    assert w.cmd("STAT").startswith(b"+OK 3 ")  # the session goes on, its listing unchanged
     assert w.cmd("RETR 2").startswith(b"+OK")
     assert w.raw_until() == wire_form(MESSAGES[1])
     assert w.cmd("DELE 1").startswith(b"+OK") and w.cmd("DELE 2").startswith(b"+OK")
@@ -357,14 +370,16 @@ def test_links_fifos_odd_and_long_names(site, tmp_path):
 def test_damaged_or_wrong_cache_is_rebuilt(site):
     md = site.maildir("u12", MESSAGES[:2])
     pop(site, "u12").quit()
-    cache = (md / "mpop3-sizes").read_text()
-    assert cache.startswith("mpop3-maildir-sizes 1\n") and len(cache.splitlines()) == 3
+    cache = maildir_box.Cached.decode((md / "mpop3-sizes").read_bytes())
+    assert cache.sizes == [crlf_size(m) for m in MESSAGES[:2]] and len(cache.names) == 2
+    assert cache.stamps is None  # the directories are too young to vouch for
     (md / "mpop3-sizes").write_text("garbage\n")
     p = pop(site, "u12")
     assert [int(x.split()[1]) for x in p.list()[1]] == [crlf_size(m) for m in MESSAGES[:2]]
     p.quit()
     # a well-formed cache with a wrong size: LIST says it, RETR corrects the cache
-    (md / "mpop3-sizes").write_text(re.sub(r"^\d+ ", "7 ", cache, flags=re.M))
+    cache.sizes[0] = 7
+    (md / "mpop3-sizes").write_bytes(cache.encode())
     p = pop(site, "u12")
     assert int(p.list()[1][0].split()[1]) == 7
     retr(p, 1)
@@ -372,6 +387,41 @@ def test_damaged_or_wrong_cache_is_rebuilt(site):
     p = pop(site, "u12")
     assert int(p.list()[1][0].split()[1]) == crlf_size(MESSAGES[0])
     p.quit()
+
+
+def test_unchanged_directories_are_not_listed_again(tmp_path, monkeypatch):
+    """The cached listing is used without a scan while new/ and cur/ keep
+    their stamps; a delivery, a flag change or a removal changes them and
+    is seen; directories changed less than TRUST_AFTER_NS ago are never
+    vouched for (changes within one timestamp tick would be invisible)."""
+    site = Site(tmp_path)
+    md = site.maildir("u0", MESSAGES[:3])
+    mod = import_module_file(MODULE_PATH, "t")
+    mod.module_init({"mail_location": f"{site.mail}/%u/Maildir", "mailbox_user": "any"})
+    scans = []
+    listing_of = maildir_box.Maildir.listing
+    monkeypatch.setattr(maildir_box.Maildir, "listing", lambda box: scans.append(1) or listing_of(box))
+
+    def opened():
+        box = mod.storage_lock_mailbox("u0")
+        got = (list(box.entries), list(mod.storage_message_sizes(box)))
+        mod.storage_unlock_mailbox(box)
+        return got
+
+    first = opened()
+    assert opened() == first and len(scans) == 2  # young directories: listed each time
+    monkeypatch.setattr(maildir_box, "TRUST_AFTER_NS", 0)
+    assert opened() == first and len(scans) == 3  # now vouched for, and recorded
+    assert opened() == first and len(scans) == 3  # unchanged: not listed
+    assert maildir_box.Cached.decode((md / "mpop3-sizes").read_bytes()).stamps is not None
+    time.sleep(0.05)  # past the clock tick of the last change
+    (md / "new" / "1700000009.M9P1Q9.late").write_bytes(MESSAGES[4])
+    entries, sizes = opened()
+    assert len(scans) == 4 and entries[-1] == ("new", "1700000009.M9P1Q9.late") and sizes[-1] == crlf_size(MESSAGES[4])
+    time.sleep(0.05)
+    os.rename(md / "new" / entries[0][1], md / "cur" / (entries[0][1] + ":2,S"))
+    assert opened()[0][0] == ("cur", entries[0][1] + ":2,S") and len(scans) == 5
+    assert opened()[0][0] == ("cur", entries[0][1] + ":2,S") and len(scans) == 5
 
 
 def test_dovecot_uidlist(tmp_path):
@@ -391,7 +441,7 @@ def test_dovecot_uidlist(tmp_path):
         site.port = server.port
         p = pop(site, "u0")
         uids = [line.split()[1].decode() for line in p.uidl()[1]]
-        assert uids == ["000000056553F17B", "000000076553F17B", "old-uidl-from-before", given[3]]
+        assert uids == ["000000056553f17b", "000000076553f17b", "old-uidl-from-before", given[3]]
         assert retr(p, 1) == expected(MESSAGES[2])
         retr(p, 2)
         p.quit()
@@ -400,7 +450,7 @@ def test_dovecot_uidlist(tmp_path):
 
 def test_uidlist_version_1_and_garbage():
     u = uidlist.parse("1 1700000123 5\n3 1700000000.M1P1.h:2,S\n")
-    assert u.lookup("1700000000.M1P1.h") == (3, "000000036553F17B")
+    assert u.lookup("1700000000.M1P1.h") == (3, "000000036553f17b")
     with pytest.raises(ValueError):
         uidlist.parse("7 nonsense\n")
 
@@ -518,3 +568,150 @@ def test_warm_open_needs_no_open_or_stat_per_message(tmp_path):
     small, large = calls(20), calls(3000)
     assert large - small < 10, (small, large)
     print(f"warm open syscalls (open/stat family): {small} for 20 messages, {large} for 3000")
+
+
+# --- one message gone: the core's answer ---------------------------------------------
+
+
+def test_core_refuses_a_gone_message_alone_and_goes_on():
+    core = SessionCore(Policy(), "192.0.2.7")
+    core.mailbox = "m"
+    core.mailbox_opened([10, 20], True)
+    assert core.command(b"RETR 2") == [SendMessage(1, None, replies.ok_retr(20))]
+    assert core.storage_failed(MessageGone("x")) == [b"-ERR [SYS/TEMP] message 2 is no longer there\r\n"]
+    assert core.command(b"TOP 1 3") == [SendMessage(0, 3, replies.OK_TOP)]
+    assert core.storage_failed(MessageGone("x")) == [b"-ERR [SYS/TEMP] message 1 is no longer there\r\n"]
+    assert not core.busy and core.command(b"STAT") == [replies.ok_stat(2, 30)]
+    # outside RETR and TOP it is what it derives from: the mailbox changed, the session ends
+    core.command(b"UIDL")
+    assert core.storage_failed(MessageGone("x")) == [replies.ERR_CHANGED.wire, CLOSE]
+
+
+# --- real Dovecot: its LDA delivers, its POP3 server answers the same ----------------------
+
+
+def owner_entry():
+    return OWNER or pwd.getpwuid(os.geteuid())
+
+
+def fetch_all(port, user):
+    """(UIDL listing, LIST sizes, every message as RETR sends it) through poplib; QUIT."""
+    p = pop(types.SimpleNamespace(port=port), user)
+    uids = p.uidl()[1]
+    sizes = [int(line.split()[1]) for line in p.list()[1]]
+    got = [retr(p, i) for i in range(1, len(sizes) + 1)]
+    p.quit()
+    return uids, sizes, got
+
+
+def lda_conf(tmp_path):
+    where = tmp_path / "lda"
+    conf = dovecot_maildir.write_conf(str(where), "/nonexistent", owner_entry())
+    own(where)
+    os.chmod(tmp_path, 0o755)
+    return conf
+
+
+def test_dovecot_lda_delivers_mpop3_serves_byte_exact(site, tmp_path):
+    md = site.maildir("u13")
+    conf = lda_conf(tmp_path)
+    for m in MESSAGES:
+        dovecot_maildir.deliver(conf, md, m, preexec_fn=as_owner)
+    assert all(",W=" in n for n in os.listdir(md / "new"))  # the LDA names its sizes
+    _, sizes, got = fetch_all(site.port, "u13")
+    assert got == [expected(m) for m in MESSAGES]
+    assert sizes[:4] == [len(g) for g in got[:4]]  # its ,W= is what RETR sends
+    # except the CRLF RETR adds to a last line without one, which Dovecot's
+    # ,W= and its LIST leave out: LIST keeps Dovecot's figure (as Dovecot does)
+    assert sizes[4] == len(got[4]) - 2 and not MESSAGES[4].endswith(b"\n")
+
+
+def test_uidls_and_messages_equal_what_dovecot_answers(tmp_path):
+    """The same Maildir served by Dovecot 2.3, then by mpop3 (uidl_format
+    dovecot), then by Dovecot again: the same UIDLs, sizes and bytes each
+    time, though each server renames what it served into cur/."""
+    site = Site(tmp_path, {"uidl_format": "dovecot"})
+    given = [f"{1700000000 + i}.M{i}P7Q{i}.h" + (":2,S" if i % 2 else "") for i in range(3)]
+    md = site.maildir("u0", MESSAGES[:3], given)
+    conf = lda_conf(tmp_path)
+    for m in MESSAGES[3:]:
+        dovecot_maildir.deliver(conf, md, m, preexec_fn=as_owner)
+    droot = tempfile.mkdtemp(prefix="dv-", dir="/tmp")  # short: Dovecot's socket paths
+    try:
+        with dovecot_maildir.Dovecot(droot, site.mail, ["u0"], owner_entry()) as dovecot:
+            theirs = fetch_all(dovecot.port, "u0")
+            assert (md / "dovecot-uidlist").exists()
+            with Spawned(str(site.conf)) as server:
+                ours = fetch_all(server.port, "u0")
+            assert ours == theirs
+            assert fetch_all(dovecot.port, "u0") == theirs, dovecot.log()
+    finally:
+        shutil.rmtree(droot, ignore_errors=True)
+    assert sorted(theirs[2]) == sorted(expected(m) for m in MESSAGES)
+    assert not os.listdir(md / "new")  # both servers saved what was read as seen
+
+
+# --- real clients on a Maildir: the same checks as tests/test_clients.py's on an mbox ------
+
+
+@pytest.fixture
+def bob(site, tmp_path):
+    """bob's Maildir holding test_clients.MESSAGES in order, and a HOME for the clients."""
+    shutil.rmtree(site.mail / "bob", ignore_errors=True)
+    site.maildir("bob", clients.MESSAGES)
+    (tmp_path / "home").mkdir()
+    return types.SimpleNamespace(root=tmp_path, home=tmp_path / "home", port=site.port)
+
+
+def test_curl_on_a_maildir(bob):
+    clients.test_curl(bob)
+
+
+def test_getmail6_on_a_maildir(bob):
+    clients.test_getmail_keep_then_nothing_new(bob)
+
+
+def test_mpop_on_a_maildir(bob):
+    clients.test_mpop_keep_then_nothing_new(bob)
+    clients.test_mpop_delete(bob)
+
+
+# --- a system user's ~/Maildir, opened as that user ------------------------------------------
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to make a system user (CI runs as root)")
+def test_system_user_home_maildir_opened_as_its_user(tmp_path):
+    from system_users import run as run_command
+    from system_users import system_user
+
+    with system_user("mpop3md") as account:
+        home = tmp_path / "home"
+        run_command("usermod", "-d", str(home), "mpop3md")
+        md = home / "Maildir"
+        for sub in ("new", "cur", "tmp"):
+            (md / sub).mkdir(parents=True)
+        for i, m in enumerate(MESSAGES[:3]):
+            (md / "new" / f"{1700000000 + i}.M{i}P1Q{i}.h").write_bytes(m)
+        for d, subdirs, files in os.walk(home):
+            for n in [d] + [os.path.join(d, x) for x in subdirs + files]:
+                os.lchown(n, account.pw_uid, account.pw_gid)
+        os.chmod(home, 0o700)
+        path = str(tmp_path)
+        while path not in ("/", "/tmp"):  # a way down through pytest's 0700 dirs
+            os.chmod(path, os.stat(path).st_mode | 0o011)
+            path = os.path.dirname(path)
+        (tmp_path / "passwd").write_text("mpop3md:pw\n")
+        conf = tmp_path / "mpop3.conf"
+        conf.write_text(
+            f"module_dir {TREE}/modules\nlogin_fail_delay 0.01\nshutdown_grace 0.5\n"
+            f"auth_module auth_file\n> passwd_file {tmp_path}/passwd\nstorage_module storage_maildir\n"
+        )  # mail_location ~/Maildir and mailbox_user mailbox: the defaults
+        with Spawned(str(conf)) as server:
+            p = pop(types.SimpleNamespace(port=server.port), "mpop3md")
+            assert [retr(p, i) for i in (1, 2, 3)] == [expected(m) for m in MESSAGES[:3]]
+            p.dele(1)
+            p.quit()
+        assert len(listing(md)) == 2
+        # what the session wrote is the user's: the sizes cache, the moved messages
+        assert os.stat(md / "mpop3-sizes").st_uid == account.pw_uid
+        assert {os.stat(md / "cur" / n).st_uid for n in os.listdir(md / "cur")} == {account.pw_uid}

@@ -17,14 +17,17 @@ import logging
 import os
 import re
 import stat
+import sys
+import time
+from array import array
 from operator import itemgetter
 
-from ..errors import MailboxInUse, StoragePermError, StorageTempError
+from ..errors import MailboxInUse, MessageGone, StoragePermError, StorageTempError
 from ..mbox._kernels import DotWriter
 from ..mbox.lock import SessionMarker, kind
 from . import uidlist
-from ._names import name_info
-from .names import SizeCounter, base_of, filename_uidl
+from ._names import SizeCounter, name_info
+from .names import base_of, filename_uidl
 from .settings import maildir_path
 
 log = logging.getLogger("mpop3.storage")
@@ -32,8 +35,12 @@ log = logging.getLogger("mpop3.storage")
 SUBDIRS = ("new", "cur")
 LOCK_NAME = "mpop3-session"
 CACHE_NAME = "mpop3-sizes"
-CACHE_MAGIC = "mpop3-maildir-sizes 1"
-CACHE_MAX = 64 * 1024 * 1024
+CACHE_MAGIC = b"mpop3-maildir-listing 2 " + sys.byteorder.encode()
+CACHE_MAX = 256 * 1024 * 1024
+# A directory whose mtime or ctime is younger than this when it is listed
+# is not vouched for in the cache: a change in the same timestamp tick
+# (coarse clocks, filesystems with seconds) could leave both unchanged.
+TRUST_AFTER_NS = 2_000_000_000
 READ_SIZE = 256 * 1024
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -51,6 +58,79 @@ def _step(name):
         step_hook(name)
 
 
+class Entries:
+    """(subdir, file name) of each message, kept as a bytearray of subdir
+    numbers (0 new, 1 cur) and a list of names, as the cache stores them."""
+
+    __slots__ = ("subs", "names")
+
+    def __init__(self, subs=None, names=None):
+        self.subs = bytearray() if subs is None else subs
+        self.names = [] if names is None else names
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        return SUBDIRS[self.subs[i]], self.names[i]
+
+    def __setitem__(self, i, entry):
+        self.subs[i] = SUBDIRS.index(entry[0])
+        self.names[i] = entry[1]
+
+    def __iter__(self):
+        return zip(map(SUBDIRS.__getitem__, self.subs), self.names, strict=True)
+
+
+class Cached:
+    """MAILDIR/mpop3-sizes: the listing as the last session made it, in
+    delivery order, each name with its size, and the stamps (inode, mtime,
+    ctime in ns) of new/ and cur/ it was made from (None: not vouched for).
+
+        mpop3-maildir-listing 2 <byte order>\n
+        dirs <6 numbers>|- <count>\n
+        <count> sizes, int64 | <count> bytes, the subdir | the names, each ended by \n
+    """
+
+    __slots__ = ("stamps", "sizes", "subs", "names")
+
+    def __init__(self, stamps, sizes, subs, names):
+        self.stamps, self.sizes, self.subs, self.names = stamps, sizes, subs, names
+
+    def encode(self):
+        head = b"dirs -" if self.stamps is None else b"dirs " + b" ".join(b"%d" % n for t in self.stamps for n in t)
+        names = "".join(n + "\n" for n in self.names).encode("utf-8", "surrogateescape")
+        sizes = array("q", self.sizes).tobytes()
+        return b"".join([CACHE_MAGIC, b"\n", head, b" %d\n" % len(self.names), sizes, bytes(self.subs), names])
+
+    @classmethod
+    def decode(cls, data):
+        """The cache from its bytes; ValueError if it is not one of ours."""
+        first = data.index(b"\n")
+        second = data.index(b"\n", first + 1)
+        if data[:first] != CACHE_MAGIC:
+            raise ValueError("not a listing of this version")
+        words = data[first + 1 : second].split()
+        if words[0] != b"dirs" or len(words) not in (3, 8):
+            raise ValueError("bad dirs line")
+        count = int(words[-1])
+        stamps = None
+        if len(words) == 8:
+            n = [int(w) for w in words[1:7]]
+            stamps = (tuple(n[:3]), tuple(n[3:]))
+        at = second + 1
+        sizes = array("q")
+        sizes.frombytes(data[at : at + 8 * count])
+        subs = bytearray(data[at + 8 * count : at + 9 * count])
+        names = data[at + 9 * count :].decode("utf-8", "surrogateescape").split("\n")
+        if len(sizes) != count or len(subs) != count or len(names) != count + 1 or names[-1] != "":
+            raise ValueError("truncated")
+        names.pop()
+        if count and (min(sizes) < 0 or max(subs) > 1):
+            raise ValueError("bad sizes or subdirs")
+        return cls(stamps, sizes.tolist(), subs, names)
+
+
 class Maildir:
     """The handle. `entries[i]` is (subdir, file name) of message i,
     `sizes[i]` its size as RETR sends it."""
@@ -62,13 +142,13 @@ class Maildir:
         self.root_fd = None
         self.dir_fds = {}
         self.marker = None
-        self.entries = []
+        self.entries = Entries()
         self.sizes = []
         self.uids = None
         self.uidlist = None
         self.retrieved = set()
         self.deleted = set()
-        self.cache = {}  # base name -> size, for names without ,W=
+        self.stamps = None  # new/'s and cur/'s as listed, if old enough to vouch for
         self.cache_dirty = False
 
     # ---- open ------------------------------------------------------------------
@@ -126,37 +206,73 @@ class Maildir:
             raise StoragePermError("the mailbox belongs to another user")
 
     def load(self):
-        """List new/ and cur/ once, with a size for each message."""
-        self.cache = self.read_cache()
-        listed = self.listing()
+        """The messages in new/ and cur/, each with its size, in delivery
+        order. If neither directory changed since the cached listing was
+        made (inode, mtime and ctime to the nanosecond, as Dovecot skips its
+        scan on unchanged mtimes) it is the cached listing, read whole
+        without a scan; else both are listed again, sizes from the names or
+        the cache, counted only for names new to it."""
+        cached = self.read_cache()
+        stamps = self.dir_stamps()  # before listing: a change during it shows next time
+        if cached is not None and cached.stamps is not None and cached.stamps == stamps:
+            self.entries = Entries(cached.subs, cached.names)
+            self.sizes = cached.sizes
+            self.stamps = stamps
+        else:
+            self.scan(cached)
+            self.stamps = stamps if self.vouched(stamps) else None
+            if cached is None or self.stamps != cached.stamps or self.cache_dirty:
+                self.write_cache()
         if self.settings.uidl_format == "dovecot":
             self.uidlist = uidlist.read(self.root_fd, self.path)
-        cache = self.cache
-        keep = {}
+            if self.uidlist is not None:
+                self.dovecot_order()
+
+    def dir_stamps(self):
+        out = []
+        for sub in SUBDIRS:
+            st = os.fstat(self.dir_fds[sub])
+            out.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(out)
+
+    @staticmethod
+    def vouched(stamps):
+        """Whether both directories last changed long enough ago that a
+        change now must give them other stamps (see TRUST_AFTER_NS)."""
+        limit = time.time_ns() - TRUST_AFTER_NS
+        return all(mtime <= limit and ctime <= limit for _, mtime, ctime in stamps)
+
+    def scan(self, cached):
+        known = dict(zip(map(base_of, cached.names), cached.sizes, strict=True)) if cached is not None else {}
         found = []
-        for sub, name in listed:
+        for sub, name in self.listing():
             key, base, size = name_info(name)
             if size < 0:
-                size = cache.get(base)
+                size = known.get(base)
                 if size is None:
                     size = self.compute_size(sub, name)
                     if size is None:
                         continue  # gone meanwhile
-                    self.cache_dirty = True
-                keep[base] = size
-            found.append((key, sub, name, size))
-        if len(keep) != len(cache):
-            self.cache_dirty = True  # names gone since: forget them
-        self.cache = keep
-        if self.uidlist is not None:
-            lookup = self.uidlist.lookup
-            found.sort(key=lambda f: (0, rec[0], f[0][3]) if (rec := lookup(f[0][3])) else (1, *f[0]))
-        else:
-            found.sort(key=itemgetter(0))
-        self.entries = [(sub, name) for _, sub, name, _ in found]
-        self.sizes = [size for _, _, _, size in found]
-        if self.cache_dirty:
-            self.write_cache()
+            found.append((key, SUBDIRS.index(sub), name, size))
+        found.sort(key=itemgetter(0))
+        self.entries = Entries(bytearray(f[1] for f in found), [f[2] for f in found])
+        self.sizes = [f[3] for f in found]
+        if cached is None or self.entries.names != cached.names or self.sizes != cached.sizes:
+            self.cache_dirty = True
+
+    def dovecot_order(self):
+        """Messages Dovecot listed first, in its UID order; the others after
+        them in delivery order."""
+        lookup = self.uidlist.lookup
+        names = self.entries.names
+
+        def key(i):
+            rec = lookup(base_of(names[i]))
+            return (0, rec[0], i) if rec else (1, 0, i)
+
+        order = sorted(range(len(names)), key=key)
+        self.entries = Entries(bytearray(self.entries.subs[i] for i in order), [names[i] for i in order])
+        self.sizes = [self.sizes[i] for i in order]
 
     def listing(self):
         """(subdir, name) of every regular file of new/ and cur/ whose name
@@ -201,43 +317,52 @@ class Maildir:
     # ---- the sizes cache -----------------------------------------------------------
 
     def read_cache(self):
-        """base -> size from MAILDIR/mpop3-sizes; empty (and logged) if it is
-        missing, not ours, or not what we write."""
+        """The cached listing (Cached), or None (logged) if it is missing,
+        not ours, or not what we write."""
         try:
             fd = os.open(CACHE_NAME, OPEN_FILE, dir_fd=self.root_fd)
         except FileNotFoundError:
-            return {}
+            return None
         except OSError as e:
-            log.warning("%s: %s/%s: %s; sizes recomputed", self.name, self.path, CACHE_NAME, e.strerror)
-            return {}
+            log.warning("%s: %s/%s: %s; listed again", self.name, self.path, CACHE_NAME, e.strerror)
+            return None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > CACHE_MAX:
-                log.warning("%s: %s/%s is not a cache of ours; sizes recomputed", self.name, self.path, CACHE_NAME)
-                return {}
+                log.warning("%s: %s/%s is not a cache of ours; listed again", self.name, self.path, CACHE_NAME)
+                return None
             chunks = []
-            while chunk := os.read(fd, 1 << 20):
+            while chunk := os.read(fd, 1 << 22):
                 chunks.append(chunk)
         finally:
             os.close(fd)
-        lines = b"".join(chunks).decode("utf-8", "surrogateescape").split("\n")
-        if lines[0] != CACHE_MAGIC or lines[-1] != "":
-            log.warning("%s: %s/%s is damaged; sizes recomputed", self.name, self.path, CACHE_NAME)
-            return {}
-        cache = {}
         try:
-            for line in lines[1:-1]:
-                size, _, base = line.partition(" ")
-                cache[base] = int(size)
-        except ValueError:
-            log.warning("%s: %s/%s is damaged; sizes recomputed", self.name, self.path, CACHE_NAME)
-            return {}
-        return cache
+            return Cached.decode(b"".join(chunks))
+        except (ValueError, IndexError, OverflowError):
+            log.warning("%s: %s/%s is damaged or old; listed again", self.name, self.path, CACHE_NAME)
+            return None
 
     def write_cache(self):
-        """Replace the cache atomically (a new file renamed over it). A
-        cache: a failure is logged, and the next session computes again."""
-        data = "".join([CACHE_MAGIC, "\n"] + [f"{size} {base}\n" for base, size in self.cache.items()])
+        """Replace the cache atomically (a new file renamed over it): the
+        listing less what QUIT deleted, vouched for by the directories'
+        stamps only if nothing changed them since they were listed. A
+        cache: a failure is logged, and the next session lists again."""
+        keep = [i for i in range(len(self.entries)) if i not in self.deleted]
+        if len(keep) == len(self.entries):
+            cached = Cached(self.stamps, self.sizes, self.entries.subs, self.entries.names)
+        else:
+            subs, names = self.entries.subs, self.entries.names
+            cached = Cached(
+                self.stamps, [self.sizes[i] for i in keep], bytearray(subs[i] for i in keep), [names[i] for i in keep]
+            )
+        if self.uidlist is not None:  # the cache is in delivery order
+            order = sorted(range(len(cached.names)), key=lambda i: name_info(cached.names[i])[0])
+            cached = Cached(
+                cached.stamps,
+                [cached.sizes[i] for i in order],
+                bytearray(cached.subs[i] for i in order),
+                [cached.names[i] for i in order],
+            )
         tmp = CACHE_NAME + ".tmp"
         root = self.root_fd
         try:
@@ -247,7 +372,7 @@ class Maildir:
                 pass
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=root)
             try:
-                view = memoryview(data.encode("utf-8", "surrogateescape"))
+                view = memoryview(cached.encode())
                 while view:
                     view = view[os.write(fd, view) :]
             finally:
@@ -308,7 +433,7 @@ class Maildir:
                 raise StoragePermError("message unreadable")
             return fd
         log.warning("%s: message %d (%s) vanished during the session", self.name, index + 1, base_of(name))
-        raise StoragePermError("message gone")
+        raise MessageGone("message gone")
 
     def dump(self, index, body_lines):
         """The message's wire form in bounded chunks (RETR: body_lines None)."""
@@ -332,17 +457,23 @@ class Maildir:
             yield writer.finish()
             if counter is not None:
                 self.retrieved.add(index)
-                self.check_size(index, counter.result())
+                self.check_size(index, counter)
         finally:
             os.close(fd)
 
-    def check_size(self, index, sent):
+    def check_size(self, index, counter):
         """A size LIST told that RETR did not keep: logged, and the cache
-        forgets it, so the next session has it right."""
+        forgets it, so the next session has it right. A `,W=` that leaves
+        out the CRLF RETR adds to a last line without one is Dovecot's
+        count (its LDA's names, its LIST): kept, as Dovecot keeps it."""
+        sent = counter.result()
         if sent == self.sizes[index]:
             return
         sub, name = self.entries[index]
         base = base_of(name)
+        named = name_info(name)[2] >= 0  # the size is the name's ,W=, not the cache's
+        if named and counter.last != 0x0A and sent == self.sizes[index] + 2:
+            return
         log.warning(
             "%s: message %d (%s) is %d octets, not the %d listed; %s",
             self.name,
@@ -350,10 +481,10 @@ class Maildir:
             base,
             sent,
             self.sizes[index],
-            "the sizes cache is corrected" if base in self.cache else "its ,W= is wrong",
+            "its ,W= is wrong" if named else "the sizes cache is corrected",
         )
-        if base in self.cache:
-            self.cache[base] = sent
+        if not named:
+            self.sizes[index] = sent
             self.cache_dirty = True
 
     # ---- QUIT ---------------------------------------------------------------------
@@ -384,7 +515,6 @@ class Maildir:
                     touched.add(sub)
                     _step("unlink")
                     break
-                self.cache.pop(base_of(self.entries[i][1]), None)
             for sub in touched:
                 os.fsync(self.dir_fds[sub])
                 _step("fsync")
@@ -397,6 +527,7 @@ class Maildir:
             if quota_fd is not None:
                 os.close(quota_fd)
         if deleted:
+            self.stamps = None  # changed by us, and maybe by others meanwhile
             self.cache_dirty = True
         if self.cache_dirty:
             self.write_cache()
@@ -423,6 +554,8 @@ class Maildir:
             except FileNotFoundError:
                 continue  # moved or removed by someone else meanwhile
             self.entries[i] = ("cur", target)
+            self.stamps = None
+            self.cache_dirty = True
             _step("rename")
 
     def open_maildirsize(self):

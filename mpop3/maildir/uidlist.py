@@ -11,7 +11,8 @@ Dovecot keeps in each Maildir a file mapping IMAP UIDs to file names
 A message's fields may include P<pop3 uidl> (a UIDL saved by a migration,
 which Dovecot then answers instead of its format). Dovecot 2.3's default
 pop3_uidl_format is %08Xu%08Xv: the UID and the UIDVALIDITY, each as eight
-upper-case hex digits. File names are matched by their base (up to `:`),
+hex digits, which Dovecot 2.3 writes in lower case despite the X (checked
+against a running Dovecot 2.3.19, tests/test_storage_maildir.py). File names are matched by their base (up to `:`),
 since flags change after it.
 """
 
@@ -38,7 +39,7 @@ class Uidlist:
         if rec is None:
             return None
         uid, saved = rec
-        return uid, saved or f"{uid:08X}{self.uidvalidity:08X}"
+        return uid, saved or f"{uid:08x}{self.uidvalidity:08x}"
 
 
 def parse(text, where=NAME):

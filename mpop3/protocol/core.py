@@ -39,7 +39,7 @@ another process, to open the mailbox and serve the rest.
 import logging
 from dataclasses import dataclass
 
-from ..errors import StorageTempError
+from ..errors import MessageGone, StorageTempError
 from . import replies, sasl
 from ._parser import TOO_LONG, UNKNOWN, parse_command
 from .commands import AUTHORIZATION, CLOSED, COMMANDS, TRANSACTION, UPDATE, State
@@ -163,6 +163,7 @@ class SessionCore:
         "failures",
         "sasl",
         "pending_uidl",
+        "sending",
     )
 
     def __init__(self, policy, peer, *, secure=False, cleartext_ok=False, tls_available=False, timestamp=None):
@@ -182,6 +183,7 @@ class SessionCore:
         self.uidl = False  # the mailbox supports UIDL
         self.uids = None  # loaded on the first UIDL
         self.pending_uidl = None  # the UIDL argument waiting for LOAD_UIDS
+        self.sending = None  # the index of the message a SendMessage asked for
         self.bad = 0  # bad commands in a row
         self.too_long = False  # an over-long line was seen already
         self.failures = 0  # failed logins
@@ -418,6 +420,7 @@ class SessionCore:
         if type(index) is not int:
             return [index.wire]
         self.busy = True
+        self.sending = index
         return [SendMessage(index, None, replies.ok_retr(self.sizes[index]))]
 
     def cmd_top(self, number, lines):
@@ -425,18 +428,24 @@ class SessionCore:
         if type(index) is not int:
             return [index.wire]
         self.busy = True
+        self.sending = index
         return [SendMessage(index, lines, replies.OK_TOP)]
 
     def message_sent(self):
         self.busy = False
+        self.sending = None
         return []
 
     def storage_failed(self, error):
         """Storage failed while serving a command (before any of the answer
-        went out). A temporary failure means the mailbox changed under us:
-        end the session, uncommitted."""
+        went out). One message gone (MessageGone, for RETR or TOP): refused
+        alone, the session goes on. Another temporary failure means the
+        mailbox changed under us: end the session, uncommitted."""
         self.busy = False
+        sending, self.sending = self.sending, None
         log.warning("%s: mailbox %s: %s", self.peer, self.mailbox, error or type(error).__name__)
+        if isinstance(error, MessageGone) and sending is not None:
+            return [replies.err_message_gone(sending + 1)]
         if isinstance(error, StorageTempError):
             return self.end(replies.ERR_CHANGED)
         return [replies.error_reply(error).wire]

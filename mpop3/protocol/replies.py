@@ -96,6 +96,10 @@ def ok_uidl_one(number, uid):
 OK_UIDL = b"+OK unique-id listing follows\r\n"
 
 
+def err_message_gone(number):
+    return Reply(False, b"message %d is no longer there" % number, "SYS/TEMP").wire
+
+
 def ok_retr(size):
     return ok(b"%d octets" % size)
 
