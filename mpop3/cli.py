@@ -67,7 +67,7 @@ def main(argv=None):
         return 0
     from .server import models
 
-    return models.run(conf, tables, stdin_mode=args.stdin)
+    return models.run(conf, tables, stdin_mode=args.stdin, debug=args.debug)
 
 
 def tls_context(conf):

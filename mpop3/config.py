@@ -183,11 +183,12 @@ DIRECTIVES = {
         Directive("safe_user", unprivileged_user, "nobody"),
         Directive("mail_group", group_name, "mail"),
         Directive("mail_owner", unprivileged_user, None),
+        Directive("login_user", unprivileged_user, None),
     ]
 }
 RELOADABLE = tuple(name for name, d in DIRECTIVES.items() if d.reloadable)
 # changed in the file, these are only noted at a reload: they need a restart
-RESTART_NEEDED = ("listen_tls", "worker_threads", "processes", "login_queue", "ipv6_prefix")
+RESTART_NEEDED = ("listen_tls", "worker_threads", "processes", "login_queue", "ipv6_prefix", "login_user")
 
 MODULE_DIRECTIVES = {"auth_module": "auth", "storage_module": "storage"}
 

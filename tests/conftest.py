@@ -116,3 +116,27 @@ def certificate(tmp_path_factory):
     """(certificate, key) files: a self-signed ECDSA certificate for
     localhost and 127.0.0.1, made with the openssl command."""
     return make_certificate(tmp_path_factory.mktemp("tls"), "mpop3-test")
+
+
+LOGIN_USER = "mpop3t-login"
+
+
+@pytest.fixture(scope="session")
+def login_user():
+    """The account login processes run as in the split model (a system
+    account made for the test run, removed after it)."""
+    from system_users import system_user
+
+    with system_user(LOGIN_USER, system=True) as pw:
+        yield pw
+
+
+@pytest.fixture(params=["per-session", "split"])
+def process_model(request):
+    """Settings for each root-started model that switches users after
+    login: a process per session, or processes by role (login_user)."""
+    if request.param == "split":
+        request.getfixturevalue("login_user")
+        return {"login_user": LOGIN_USER, "processes": "1"}
+    return {}
+

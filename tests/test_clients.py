@@ -75,8 +75,8 @@ def client_site(spawn, extra=None):
 
 
 @pytest.fixture
-def site(spawn):
-    return client_site(spawn)
+def site(spawn, process_model):
+    return client_site(spawn, process_model)
 
 
 def run(server, command, ok=(0,)):

@@ -49,11 +49,11 @@ def tls_settings(certificate, port, **more):
 
 
 @pytest.fixture
-def site(spawn, certificate):
+def site(spawn, certificate, process_model):
     """The real mpop3 with the tricky mailbox, STLS on its plain port and
-    implicit TLS on `tls_port`."""
+    implicit TLS on `tls_port`, in each model that switches after login."""
     tls_port = free_port()
-    server = client_site(spawn, tls_settings(certificate, tls_port))
+    server = client_site(spawn, tls_settings(certificate, tls_port, **process_model))
     server.tls_port, server.cert = tls_port, certificate[0]
     return server
 

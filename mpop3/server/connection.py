@@ -88,12 +88,14 @@ class Connection:
         "attempt",
         "admitted",
         "started",
+        "resumed",
     )
 
-    def __init__(self, service, admitted=None, started=None):
+    def __init__(self, service, admitted=None, started=None, resumed=None):
         """`admitted`: the client address the service counted at accept
         (accept.py), else the connection asks for admission when it is made;
-        `started`: loop.time() of the accept."""
+        `started`: loop.time() of the accept; `resumed`: (core.Handover,
+        lines) of a session logged in by another process."""
         self.service = service
         self.admitted = admitted
         self.loop = service.loop
@@ -117,6 +119,7 @@ class Connection:
         self.opened = None  # a jobs.Opened the login job got ahead of the core
         self.attempt = None  # the login being checked (logins.Attempt)
         self.started = started  # loop.time() of the accept: login_timeout counts from it
+        self.resumed = resumed
 
     # --- connection events ---------------------------------------------------
 
@@ -135,6 +138,9 @@ class Connection:
         if self.started is None:
             self.started = self.last_active
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        if self.resumed is not None:
+            self.resume(*self.resumed)
+            return
         secure = transport.get_extra_info("ssl_object") is not None  # implicit TLS (RFC 8314)
         timestamp = service.tables.auth.auth_timestamp()
         self.core = SessionCore(
@@ -149,6 +155,14 @@ class Connection:
         if secure:
             self.log_tls(transport)
         transport.write(self.core.greeting())
+
+    def resume(self, handover, lines):
+        """A session another process logged in (a mail process of the split
+        model, split.py): no greeting; its mailbox is opened here, then the
+        lines the client had already sent are served."""
+        self.core = SessionCore.resume(self.service.policy, handover)
+        self.pending = deque(lines)
+        self.open_mailbox(OpenMailbox(handover.mailbox))
 
     def data_received(self, data):
         if self.closed:
@@ -278,6 +292,26 @@ class Connection:
         self.stream = None
         self.transport.close()
 
+    def leave(self):
+        """A login process gave this session, socket and all, to a mail
+        process: let go of it without a word (our copy of the socket only)."""
+        self.closed = True
+        self.core.closed()
+        self.transport.abort()  # connection_lost forgets us
+
+    def detach(self):
+        """The session goes on in a mail process through a relay that now
+        owns the transport (login_service.Relay); it stays counted until
+        the relay ends."""
+        self.closed = True
+        self.core.closed()
+        self.service.connections.discard(self)
+
+    def relay_ended(self):
+        if self.counted:
+            self.counted = False
+            self.service.admission.release(self.peer)
+
     def withdraw_login(self):
         """The client is gone: a password not yet checked never will be."""
         attempt, self.attempt = self.attempt, None
@@ -329,7 +363,7 @@ class Connection:
             group,
             action.user,
             lambda result, exc: self.login_checked(result, exc, action),
-            jobs.log_in,
+            service.login_job,
             service.tables,
             service.limits,
             group,
@@ -385,6 +419,9 @@ class Connection:
 
     def open_mailbox(self, action):
         opened, self.opened = self.opened, None
+        if type(opened) is jobs.HandOff:  # a login process: the mailbox is another process's business
+            self.service.hand_off(self, opened.ref)
+            return
         if opened is not None and opened.mailbox == action.mailbox:  # the login job did it
             self.mailbox_opened(opened)
             return
@@ -394,7 +431,6 @@ class Connection:
             jobs.open_mailbox,
             service.tables.storage,
             service.limits,
-            self.peer,
             action.mailbox,
             service.before_open,
         )

@@ -37,19 +37,30 @@ class Limits:
     login_delay: int  # seconds; 0: off
 
 
-def check_login(auth, limits, group, action):
-    """The mailbox name for good credentials. LoginFailed(delay) for bad
-    ones, LoginDelay or BadMailboxName when the login may not go on.
-    `group`: the client's address group, as the throttle knows it."""
+def verify(auth, action):
+    """The auth table's verdict on a CheckLogin: (the mailbox name, or None
+    for bad credentials; whether the auth module wants this login delayed).
+    An empty password never logs in, whatever a module would say."""
     user = decode(action.user)
     secret = decode(action.secret)
     if action.method == core.PASSWORD:
-        # an empty password never logs in, whatever a module would say
         mailbox = auth.auth_attempt_login(user, secret) if secret else None
     elif action.method == core.APOP:
         mailbox = apop_check(auth, user, secret, action.challenge)
     else:
         mailbox = cram_md5_check(auth, user, secret, action.challenge)
+    if mailbox is None:
+        return None, False
+    return mailbox, auth.auth_login_delay_needed(user) > 0
+
+
+def check_login(auth, limits, group, action, verifier=verify):
+    """The mailbox name for good credentials. LoginFailed(delay) for bad
+    ones, LoginDelay or BadMailboxName when the login may not go on.
+    `group`: the client's address group, as the throttle knows it;
+    `verifier`: where the credentials are checked (verify, here, or the
+    auth process's, mpop3/server/auth_service.py)."""
+    mailbox, delay_asked = verifier(auth, action)
     throttle = limits.throttle
     user_key = throttle.user_key(action.user)
     if mailbox is None:
@@ -57,7 +68,7 @@ def check_login(auth, limits, group, action):
     throttle.succeeded(group, user_key)
     if not valid_mailbox_name(mailbox):
         raise BadMailboxName(mailbox)
-    if auth.auth_login_delay_needed(user) > 0 or limits.clock.wait_needed(mailbox, limits.login_delay) > 0:
+    if delay_asked or limits.clock.wait_needed(mailbox, limits.login_delay) > 0:
         raise LoginDelay()
     return mailbox
 
@@ -87,6 +98,27 @@ def log_in(tables, limits, group, action, before_open=None, checked=None):
         return mailbox, open_mailbox(tables.storage, limits, mailbox, before_open)
     except Exception as e:
         return mailbox, Opened(mailbox, error=e)
+
+
+@dataclass
+class HandOff:
+    """A login the auth process vouched for (the split model, split.py):
+    the ticket the master redeems to learn which mailbox it may serve."""
+
+    ref: str
+
+
+def log_in_elsewhere(tables, limits, group, action, before_open=None, checked=None):
+    """log_in for a login process: the credentials are checked by the auth
+    process (tables.auth is its AuthClient) and nothing is opened here:
+    (mailbox, HandOff)."""
+    auth = tables.auth
+    try:
+        mailbox = check_login(auth, limits, group, action, verifier=auth.verify)
+    finally:
+        if checked is not None:
+            checked()
+    return mailbox, HandOff(auth.last_ref())
 
 
 def open_mailbox(storage, limits, mailbox, before_open=None):

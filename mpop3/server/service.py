@@ -27,7 +27,7 @@ from .. import log as logs
 from ..auth_functions import AuthFunctions
 from ..protocol import replies
 from ..protocol.core import Policy
-from . import tls
+from . import jobs, tls
 from .accept import Acceptor, limited
 from .connection import Connection
 from .jobs import Limits
@@ -47,12 +47,16 @@ class Settings:
 
 
 class Service:
-    def __init__(self, conf, tables, loop, *, workers=None, limits=None, tally=None, before_open=None):
+    def __init__(
+        self, conf, tables, loop, *, workers=None, limits=None, tally=None, before_open=None, hand_off=None
+    ):
         """`workers`: InlineWorkers in a process of one session (default:
         threads). `limits`: (throttle, clock) of a parent process that sees
         every session (default: this process's own). `tally`: the session
         count of all server processes. `before_open(mailbox)`: where a
-        session process gives up root."""
+        session process gives up root. `hand_off(connection, ticket)`: in a
+        login process (login_process.py), where a logged-in session goes
+        instead of opening its mailbox here."""
         self.conf = conf
         self.tables = tables
         self.loop = loop
@@ -84,6 +88,8 @@ class Service:
             queue=values["login_queue"],
         )
         self.before_open = before_open
+        self.hand_off = hand_off
+        self.login_job = jobs.log_in if hand_off is None else jobs.log_in_elsewhere
         self.connections = set()
         self.listeners = []
         self.stopping = False
@@ -198,10 +204,11 @@ class Service:
         )
         return bound
 
-    async def serve_one(self, connect):
-        """One session, wired up by `await connect(connection)`, to its end."""
+    async def serve_one(self, connect, resumed=None):
+        """One session, wired up by `await connect(connection)`, to its end;
+        `resumed`: a session another process logged in (Connection)."""
         self.sweep_idle()
-        connection = Connection(self)
+        connection = Connection(self, admitted=resumed[0].peer if resumed else None, resumed=resumed)
         connection.closed_waiter = self.loop.create_future()
         await connect(connection)
         await connection.closed_waiter

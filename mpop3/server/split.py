@@ -1,0 +1,308 @@
+"""The split model: processes by role, so that no root process reads what a
+client sends (rules 1 and 2 with `login_user` set; docs/architecture.md).
+
+    master (root)    binds, starts and supervises the others, keeps the
+                     counts and delays every process shares (Supervisor);
+                     reads no client byte, only records of its children
+    login processes  `processes` of them, exec'd fresh (login_process.py):
+                     as login_user in an empty root directory, many
+                     sessions each, up to the login
+    auth process     checks credentials (auth_service.py): root if the auth
+                     module needs it, else safe_user
+    mail processes   one per logged-in session, forked by the master, which
+                     become the mailbox's user (the privilege rules) before
+                     opening it, and serve the rest of the session
+
+A login process hands a logged-in session to the master with the auth
+process's ticket; the master redeems the ticket, so the mailbox served is
+the one the credentials were for, whatever the login process says.
+"""
+
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from ..protocol import replies
+from ..protocol.core import Handover
+from . import privs, records
+from .auth_service import AuthServer
+from .limits import Admission
+from .per_session import prepare_for_forks, refuse
+from .supervisor import ChildReports, Supervisor
+
+log = logging.getLogger("mpop3.server")
+
+RESTART_DELAY = 1.0  # a login or auth process that died is started again after this
+MOST_LINES = 64  # pipelined lines a hand-off may carry
+
+
+class Split(Supervisor):
+    def __init__(self, conf, tables, sockets, plan, before_open, debug=False):
+        super().__init__(conf)
+        self.tables = tables
+        self.sockets = sockets
+        self.plan = plan
+        self.before_open = before_open
+        self.debug = debug
+        values = conf.values
+        self.admission = Admission(values["max_sessions"], values["max_sessions_per_ip"], None, values["ipv6_prefix"])
+        self.jail = None
+        self.auth = None  # (pid, control socket)
+        self.logins = {}  # slot -> (pid, hand-off socket)
+        self.due = {}  # slot (or "auth") -> monotonic time of a restart
+        self.apop = tables.auth.auth_timestamp() is not None
+        from .service import plaintext_passwords
+
+        self.cram_md5 = plaintext_passwords(tables.auth)
+
+    # --- start-up ------------------------------------------------------------
+
+    def started(self):
+        self.jail = tempfile.mkdtemp(prefix="mpop3-login-root-")  # empty, root's, 0700
+        os.chmod(self.jail, 0o555)
+        self.start_auth()
+        for slot in range(self.conf.values["processes"]):
+            self.start_login(slot)
+        log.info(
+            "privilege separation: %d login process%s as %s, checks in auth process %d",
+            len(self.logins),
+            "" if len(self.logins) == 1 else "es",
+            self.conf.values["login_user"],
+            self.auth[0],
+        )
+        prepare_for_forks()
+
+    def start_auth(self):
+        ours, theirs = records.pair()
+        pid, _ = self.fork()
+        if pid == 0:
+            ours.close()
+            self.child_main("auth process", lambda: self.be_auth(theirs))
+        theirs.close()
+        self.children[pid] = ("auth",)
+        self.auth = (pid, ours)
+
+    def be_auth(self, control):
+        for sock in self.sockets:
+            sock.close()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # no loop: they end it
+        if not self.tables.auth.auth_need_root() and not privs.switch_or_log(privs.safe_identity(self.conf)):
+            return 1
+        return AuthServer(self.tables.auth, control).run()
+
+    def auth_sockets(self):
+        """A socket pair per worker thread of a login process: the login
+        ends, returned; the others, served by the auth process from now on."""
+        count = self.conf.values["worker_threads"]
+        pairs = [records.pair() for _ in range(count)]
+        try:
+            records.send(self.auth[1], {"serve": count}, [theirs.fileno() for _, theirs in pairs])
+        finally:
+            for _, theirs in pairs:
+                theirs.close()
+        return [ours for ours, _ in pairs]
+
+    def start_login(self, slot):
+        values = self.conf.values
+        channel, channel_theirs = socket.socketpair()
+        handoff, handoff_theirs = records.pair()
+        auth = self.auth_sockets()
+        setup_r, setup_w = os.pipe()
+        given = [channel_theirs, handoff_theirs, *auth]
+        setup = {
+            "config": self.conf.path,
+            "debug": self.debug,
+            "key": self.throttle.key.hex(),
+            "channel": channel_theirs.fileno(),
+            "handoff": handoff_theirs.fileno(),
+            "auth": [s.fileno() for s in auth],
+            "listen": [s.fileno() for s in self.sockets],
+            "apop": self.apop,
+            "cram_md5": self.cram_md5,
+            "login_delay": int(self.tables.auth.auth_default_login_delay() or 0),
+            "user": values["login_user"],
+            "root": self.jail,
+        }
+        with os.fdopen(setup_w, "wb") as f:
+            f.write(json.dumps(setup).encode())
+        fds = [setup_r, *(s.fileno() for s in given), *(s.fileno() for s in self.sockets)]
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mpop3.server.login_process", str(setup_r)],
+                pass_fds=fds,
+                env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
+            )
+        finally:
+            os.close(setup_r)
+            for s in given:
+                s.close()
+        proc.returncode = 0  # reaped by the supervisor, not by Popen
+        channel.setblocking(False)
+        self.selector.register(channel, selectors.EVENT_READ, ChildReports(self, channel, None).read)
+        handoff.setblocking(False)
+        self.selector.register(handoff, selectors.EVENT_READ, lambda sock: self.handed(slot, sock))
+        self.children[proc.pid] = ("login", slot, channel, handoff)
+        self.logins[slot] = (proc.pid, handoff)
+
+    # --- hand-offs -------------------------------------------------------------
+
+    def handed(self, slot, sock):
+        try:
+            record, fds = records.receive(sock)
+        except BlockingIOError:
+            return
+        except (OSError, records.BadRecord) as e:
+            log.error("login process %d sent a bad hand-off (%s)", self.logins[slot][0], e)
+            return
+        if record is None:
+            self.selector.unregister(sock)
+            return
+        if len(fds) != 1:
+            records.close_all(fds)
+            log.error("login process %d sent a hand-off without its client", self.logins[slot][0])
+            return
+        client = socket.socket(fileno=fds[0])
+        try:
+            handover, lines = self.check_hand_off(record)
+        except records.BadRecord as e:
+            log.error("login process %d: hand-off refused: %s", self.logins[slot][0], e)
+            refuse(client, replies.ERR_NO_SESSION_PROCESS)
+            return
+        self.start_mail(client, handover, lines)
+
+    def check_hand_off(self, record):
+        """The session a login process hands over, if its ticket says so."""
+        ticket = records.text(record, "ticket", 64)
+        mailbox = records.text(record, "mailbox", 255)
+        user = records.text(record, "user", 2048)
+        redeemed = self.redeem(ticket)
+        if redeemed.get("mailbox") != mailbox or redeemed.get("user") != user:
+            raise records.BadRecord(f"ticket not good for mailbox {mailbox!r}")
+        lines = record.get("lines")
+        if not isinstance(lines, list) or len(lines) > MOST_LINES:
+            raise records.BadRecord("bad lines")
+        try:
+            lines = [None if line is None else bytes.fromhex(line) for line in lines]
+        except (TypeError, ValueError):
+            raise records.BadRecord("bad lines") from None
+        handover = Handover(
+            records.text(record, "peer", 64),
+            bytes.fromhex(user),
+            mailbox,
+            records.flag(record, "secure"),
+            records.flag(record, "cleartext_ok"),
+            records.number(record, "failures", 1000),
+        )
+        return handover, lines
+
+    def redeem(self, ticket):
+        control = self.auth[1]
+        control.settimeout(5)
+        try:
+            records.send(control, {"redeem": ticket})
+            answer, fds = records.receive(control)
+        except (OSError, records.BadRecord):
+            return {}
+        records.close_all(fds)
+        return answer or {}
+
+    def start_mail(self, client, handover, lines):
+        address = handover.peer
+        refusal = self.admission.admit(address)
+        if refusal is not None:
+            refuse(client, refusal)
+            return
+        try:
+            pid, channel = self.fork(address)
+        except OSError as e:
+            log.error("%s: refused, cannot start a mail process: %s", address, e.strerror)
+            self.admission.release(address)
+            refuse(client, replies.ERR_NO_SESSION_PROCESS)
+            return
+        if pid == 0:
+            self.child_main("mail process", lambda: self.be_mail(client, handover, lines, channel))
+        client.close()
+        self.children[pid] = ("mail", address)
+
+    def be_mail(self, client, handover, lines, channel):
+        from .models import serve_handed
+
+        for sock in self.sockets:
+            sock.close()
+        self.auth[1].close()
+        client.setblocking(False)
+        return serve_handed(self.conf, self.tables, client, handover, lines, channel, self.before_open)
+
+    # --- children ending ----------------------------------------------------------
+
+    def child_ended(self, pid, status):
+        kind = self.children.pop(pid)
+        if os.WIFSIGNALED(status):
+            log.error("%s process %d killed by signal %d", kind[0], pid, os.WTERMSIG(status))
+        if kind[0] == "mail":
+            self.admission.release(kind[1])
+        elif kind[0] == "login":
+            _, slot, channel, handoff = kind
+            for sock in (channel, handoff):
+                if sock.fileno() >= 0 and sock in (key.fileobj for key in self.selector.get_map().values()):
+                    self.selector.unregister(sock)
+                sock.close()
+            self.logins.pop(slot, None)
+            if not self.stopping:
+                self.due[slot] = time.monotonic() + RESTART_DELAY
+        elif not self.stopping:  # the auth process
+            self.auth[1].close()
+            self.auth = None
+            self.due["auth"] = time.monotonic() + RESTART_DELAY
+
+    def timeout(self):
+        if not self.due:
+            return None
+        return max(0.0, min(self.due.values()) - time.monotonic())
+
+    def tick(self):
+        now = time.monotonic()
+        for what, when in list(self.due.items()):
+            if when > now or self.stopping:
+                continue
+            del self.due[what]
+            try:
+                if what == "auth":
+                    self.start_auth()
+                    self.new_auth_sockets()
+                else:
+                    self.start_login(what)
+            except OSError as e:
+                log.error("cannot start a %s process: %s", "auth" if what == "auth" else "login", e.strerror or e)
+                self.due[what] = now + RESTART_DELAY
+
+    def new_auth_sockets(self):
+        """Every login process gets sockets to the new auth process."""
+        for pid, handoff in self.logins.values():
+            auth = self.auth_sockets()
+            try:
+                records.send(handoff, {"auth": True}, [s.fileno() for s in auth])
+            except OSError as e:
+                log.error("login process %d: cannot pass it the new auth process: %s", pid, e.strerror)
+            finally:
+                for s in auth:
+                    s.close()
+
+    def stop_accepting(self):
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+    def finished(self):
+        if self.jail is not None:
+            shutil.rmtree(self.jail, ignore_errors=True)
+        return super().finished()

@@ -1,0 +1,282 @@
+"""The split model (mpop3/server/split.py): processes by role."""
+
+import array
+import ctypes
+import json
+import os
+import poplib
+import pwd
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+from mbox_helpers import mbox
+from pop_server import Wire, free_port, wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+LOGIN_USER = "mpop3t-login"  # conftest's login_user
+SPOOL = mbox(b"Subject: one\n\nfirst\n", b"Subject: two\n\nsecond\n")
+
+
+def test_cleartext_login_and_retr(spawn, login_user, tmp_path):
+    server = spawn({"vera": "pw"}, {"vera": SPOOL}, {"login_user": LOGIN_USER, "processes": "1"})
+    w = Wire(server.port)
+    w.login("vera", "pw")
+    assert w.cmd("STAT").startswith(b"+OK 2 ")
+    assert w.cmd("DELE 1").startswith(b"+OK")
+    assert w.cmd("QUIT").startswith(b"+OK")
+    assert (tmp_path / "spool" / "vera").read_bytes() == mbox(b"Subject: two\n\nsecond\n")
+
+
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def status(pid):
+    return dict(line.rstrip("\n").split(":\t", 1) for line in open(f"/proc/{pid}/status"))
+
+
+def role(pid):
+    command = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    return "login" if command[1:3] == [b"-m", b"mpop3.server.login_process"] else "other"
+
+
+def test_each_role_has_its_identity(spawn, login_user):
+    server = spawn({"vera": "pw"}, {"vera": SPOOL}, {"login_user": LOGIN_USER, "processes": "2"})
+    pids = wait_for(
+        lambda: len(p := children(server.proc.pid)) == 3 and sorted(map(role, p)) == ["login", "login", "other"] and p,
+        seconds=10,
+    )
+    logins = [p for p in pids if role(p) == "login"]
+    for pid in logins:
+        wait_for(lambda pid=pid: status(pid)["Uid"].split()[0] != "0", seconds=10)  # started, locked in
+        s = status(pid)
+        assert s["Uid"].split() == [str(login_user.pw_uid)] * 4
+        assert s["Gid"].split() == [str(login_user.pw_gid)] * 4
+        assert s["Groups"].strip() == ""
+        assert int(s["CapEff"], 16) == 0 and int(s["CapPrm"], 16) == 0
+        assert os.readlink(f"/proc/{pid}/root") != "/"
+    (auth,) = [p for p in pids if role(p) != "login"]  # auth_file needs no root: safe_user
+    assert status(auth)["Uid"].split() == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+
+
+BIG = b"Subject: big\n\n" + b"".join(b"line %07d of a 7 MB message, with text to fill it\n" % n for n in range(135000))
+
+
+def retr_bytes(p, number):
+    _, lines, _ = p.retr(number)
+    return b"\r\n".join(lines) + b"\r\n"
+
+
+@pytest.mark.parametrize("transport", ["clear", "stls", "tls"])
+def test_a_7_mb_message_byte_exact_through_the_hand_off_and_the_relay(spawn, login_user, certificate, transport):
+    cert, key = certificate
+    tls_port = free_port()
+    extra = {"login_user": LOGIN_USER, "processes": "1", "tls_cert": cert, "tls_key": key}
+    server = spawn({"vera": "pw"}, {"vera": mbox(BIG)}, {**extra, "listen_tls": f"127.0.0.1:{tls_port}"})
+    context = ssl.create_default_context(cafile=cert)
+    if transport == "tls":
+        p = poplib.POP3_SSL("127.0.0.1", tls_port, context=context, timeout=20)
+    else:
+        p = poplib.POP3("127.0.0.1", server.port, timeout=20)
+        if transport == "stls":
+            p.stls(context)
+    p.user("vera")
+    assert p.pass_("pw").startswith(b"+OK maildrop has 1 message")
+    got = retr_bytes(p, 1)
+    assert len(got) > 7_000_000
+    assert got == BIG.replace(b"\n", b"\r\n")
+    assert p.quit().startswith(b"+OK")
+
+
+def test_failed_logins_delay_the_right_password_whichever_login_process_takes_it(spawn, login_user):
+    server = spawn(
+        {"vera": "pw", "walt": "pw"},
+        {"vera": SPOOL, "walt": SPOOL},
+        {"login_user": LOGIN_USER, "processes": "2", "login_fail_delay": "1", "login_fail_delay_max": "1"},
+    )
+    w = Wire(server.port)
+    w.cmd("USER vera")
+    w.send(b"PASS wrong\r\n")
+    time.sleep(0.2)
+    w.close()
+    for _ in range(4):  # the kernel spreads connections: some land on the other process
+        start = time.monotonic()
+        w = Wire(server.port)
+        w.cmd("USER vera")
+        assert w.cmd("PASS pw").startswith(b"+OK maildrop")
+        took = time.monotonic() - start
+        w.cmd("QUIT")
+        if took < 0.5:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the delay never ended")
+    w = Wire(server.port)
+    start = time.monotonic()
+    w.login("walt", "pw")  # another user: not delayed
+    assert time.monotonic() - start < 0.5
+
+
+def split_site(spawn, **extra):
+    return spawn(
+        {"vera": "pw", "walt": "pw"},
+        {"vera": SPOOL, "walt": SPOOL},
+        {"login_user": LOGIN_USER, "processes": "1", **extra},
+    )
+
+
+def role_pids(server):
+    """The login processes, and the other children: the auth process is
+    the oldest of those (started first, and again only if it dies)."""
+    pids = children(server.proc.pid)
+    logins = [p for p in pids if role(p) == "login"]
+    others = sorted((p for p in pids if p not in logins), key=lambda p: os.stat(f"/proc/{p}").st_mtime_ns)
+    return logins, others
+
+
+def test_kill_9_of_a_login_process_ends_only_its_sessions(spawn, login_user):
+    server = split_site(spawn)
+    logged_in = Wire(server.port)
+    logged_in.login("vera", "pw")  # now in a mail process
+    waiting = Wire(server.port)
+    waiting.cmd("USER walt")
+    (login,), _ = wait_for(lambda: len((r := role_pids(server))[0]) == 1 and r, seconds=10)
+    os.kill(login, 9)
+    assert waiting.closed()
+    assert logged_in.cmd("STAT").startswith(b"+OK 2 ")  # the mail process goes on
+    wait_for(lambda: (r := role_pids(server))[0] and r[0][0] != login, seconds=10)
+    w = wait_for(lambda: connects(server.port), seconds=10)
+    w.login("walt", "pw")
+    assert w.cmd("STAT").startswith(b"+OK 2 ")
+
+
+def connects(port):
+    try:
+        return Wire(port)
+    except OSError:
+        return None
+
+
+def test_kill_9_of_the_auth_process_and_logins_go_on(spawn, login_user):
+    server = split_site(spawn)
+    logged_in = Wire(server.port)
+    logged_in.login("vera", "pw")
+    _, others = wait_for(lambda: len((r := role_pids(server))[1]) == 2 and r, seconds=10)
+    auth = others[0]
+    os.kill(auth, 9)
+    time.sleep(1.5)  # the master starts another
+    assert logged_in.cmd("STAT").startswith(b"+OK 2 ")
+    w = Wire(server.port)
+    w.cmd("USER walt")
+    reply = w.cmd("PASS pw")
+    assert reply.startswith(b"+OK maildrop"), reply
+
+
+def test_kill_9_of_a_mail_process_ends_only_its_session(spawn, login_user, tmp_path):
+    server = split_site(spawn)
+    first = Wire(server.port)
+    first.login("vera", "pw")
+    _, others = wait_for(lambda: len((r := role_pids(server))[1]) == 2 and r, seconds=10)
+    second = Wire(server.port)
+    second.login("walt", "pw")
+    first.cmd("DELE 1")
+    os.kill(others[1], 9)  # vera's mail process
+    assert first.closed()
+    assert second.cmd("STAT").startswith(b"+OK 2 ")
+    assert (tmp_path / "spool" / "vera").read_bytes() == SPOOL  # nothing committed
+    w = Wire(server.port)
+    w.login("vera", "pw")
+    assert w.cmd("STAT").startswith(b"+OK 2 ")
+
+
+def steal_socket(pid, fd):
+    """A copy of descriptor `fd` of process `pid` (pidfd_getfd, as root)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        got = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if got < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        return socket.socket(fileno=got)
+    finally:
+        os.close(pidfd)
+
+
+SYS_PIDFD_GETFD = 438  # x86_64 and aarch64 alike
+
+
+def hand_off_socket(login_pid):
+    """The login process's end of its hand-off socket: its SOCK_SEQPACKET
+    socket whose peer the master holds (the others lead to the auth process)."""
+    master = int(status(login_pid)["PPid"])
+    peers = unix_peers()
+    for fd in os.listdir(f"/proc/{login_pid}/fd"):
+        target = os.readlink(f"/proc/{login_pid}/fd/{fd}")
+        if not target.startswith("socket:["):
+            continue
+        inode = int(target[8:-1])
+        if peers.get(inode) in holders(master):
+            sock = steal_socket(login_pid, int(fd))
+            if sock.type == socket.SOCK_SEQPACKET:
+                return sock
+            sock.close()
+    raise AssertionError("no hand-off socket found")
+
+
+def unix_peers():
+    """inode -> peer inode, for every UNIX socket (ss)."""
+    out = subprocess.run(["ss", "-xanH"], capture_output=True, text=True, check=True).stdout
+    peers = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 8 and fields[5].isdigit() and fields[7].isdigit():
+            peers[int(fields[5])] = int(fields[7])
+    return peers
+
+
+def holders(pid):
+    """The socket inodes process `pid` holds."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
+def test_a_lying_login_process_cannot_pick_a_mailbox(spawn, login_user, tmp_path):
+    """A login process taken over by a client hands the master a session
+    for vera with a ticket the auth process never gave: the master refuses
+    it, and serves nobody's mailbox."""
+    server = split_site(spawn)
+    (login,), _ = wait_for(lambda: len((r := role_pids(server))[0]) == 1 and r, seconds=10)
+    wait_for(lambda: status(login)["Uid"].split()[0] != "0", seconds=10)
+    hand_off = hand_off_socket(login)
+    client, given = socket.socketpair()
+    forged = {
+        "ticket": "00" * 16,
+        "peer": "127.0.0.1",
+        "user": b"vera".hex(),
+        "mailbox": "vera",
+        "secure": False,
+        "cleartext_ok": True,
+        "failures": 0,
+        "lines": [],
+    }
+    rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [given.fileno()]))
+    hand_off.sendmsg([json.dumps(forged).encode()], [rights])
+    given.close()
+    client.settimeout(5)
+    assert client.recv(100).startswith(b"-ERR [SYS/TEMP]")
+    assert client.recv(100) == b""
+    assert len(role_pids(server)[1]) == 1  # the auth process only: no mail process was started
+    w = Wire(server.port)  # and the server goes on
+    w.login("vera", "pw")
