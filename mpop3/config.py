@@ -184,6 +184,7 @@ DIRECTIVES = {
         Directive("mail_group", group_name, "mail"),
         Directive("mail_owner", unprivileged_user, None),
         Directive("login_user", unprivileged_user, None),
+        Directive("mail_process_idle", seconds, 30.0, reloadable=True),
     ]
 }
 RELOADABLE = tuple(name for name, d in DIRECTIVES.items() if d.reloadable)

@@ -2,6 +2,7 @@
 
 import array
 import ctypes
+import grp
 import json
 import os
 import poplib
@@ -14,6 +15,7 @@ import time
 import pytest
 from mbox_helpers import mbox
 from pop_server import Wire, free_port, wait_for
+from system_users import system_user
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -177,21 +179,52 @@ def test_kill_9_of_the_auth_process_and_logins_go_on(spawn, login_user):
     assert reply.startswith(b"+OK maildrop"), reply
 
 
-def test_kill_9_of_a_mail_process_ends_only_its_session(spawn, login_user, tmp_path):
-    server = split_site(spawn)
-    first = Wire(server.port)
-    first.login("vera", "pw")
-    _, others = wait_for(lambda: len((r := role_pids(server))[1]) == 2 and r, seconds=10)
-    second = Wire(server.port)
-    second.login("walt", "pw")
-    first.cmd("DELE 1")
-    os.kill(others[1], 9)  # vera's mail process
-    assert first.closed()
-    assert second.cmd("STAT").startswith(b"+OK 2 ")
-    assert (tmp_path / "spool" / "vera").read_bytes() == SPOOL  # nothing committed
+def test_a_mail_process_per_uid_reused_and_killed_alone(spawn, login_user, tmp_path):
+    """vera and walt have no system account: one mail process serves both
+    (mail_owner, here safe_user), one after the other and at once; carl's
+    own account gets a process of its own. Killing the first ends vera's
+    and walt's sessions only, commits nothing, and the next login starts
+    another."""
+    with system_user("mpop3t-carl") as carl:
+        server = spawn(
+            {"vera": "pw", "walt": "pw", "mpop3t-carl": "pw"},
+            {"vera": SPOOL, "walt": SPOOL, "mpop3t-carl": SPOOL},
+            {"login_user": LOGIN_USER, "processes": "1"},
+        )
+        spool = tmp_path / "spool"
+        os.chown(spool / "mpop3t-carl", carl.pw_uid, carl.pw_gid)
+        os.chown(spool, 0, grp.getgrnam("mail").gr_gid)  # as Debian's /var/mail
+        os.chmod(spool, 0o2775)
+        w = Wire(server.port)
+        w.login("vera", "pw")
+        w.cmd("QUIT")
+        _, (auth, mail) = wait_for(lambda: len((r := role_pids(server))[1]) == 2 and r, seconds=10)
+        first, second = Wire(server.port), Wire(server.port)
+        first.login("vera", "pw")
+        second.login("walt", "pw")
+        assert role_pids(server)[1] == [auth, mail]  # the same mail process
+        assert status(mail)["Uid"].split() == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+        third = Wire(server.port)
+        third.login("mpop3t-carl", "pw")
+        _, others = wait_for(lambda: len((r := role_pids(server))[1]) == 3 and r, seconds=10)
+        assert status(others[2])["Uid"].split() == [str(carl.pw_uid)] * 4  # carl's own
+        first.cmd("DELE 1")
+        os.kill(mail, 9)
+        assert first.closed() and second.closed()
+        assert third.cmd("STAT").startswith(b"+OK 2 ")  # another uid's process goes on
+        assert (spool / "vera").read_bytes() == SPOOL  # nothing committed
+        w = Wire(server.port)
+        w.login("vera", "pw")
+        assert w.cmd("STAT").startswith(b"+OK 2 ")
+
+
+def test_an_idle_mail_process_ends(spawn, login_user):
+    server = split_site(spawn, mail_process_idle="0.5")
     w = Wire(server.port)
     w.login("vera", "pw")
-    assert w.cmd("STAT").startswith(b"+OK 2 ")
+    wait_for(lambda: len(role_pids(server)[1]) == 2, seconds=10)
+    w.cmd("QUIT")
+    wait_for(lambda: len(role_pids(server)[1]) == 1, seconds=5)  # the auth process only
 
 
 def steal_socket(pid, fd):

@@ -126,7 +126,13 @@ class Connection:
     def connection_made(self, transport):
         self.transport = transport
         service = self.service
-        self.peer = peer = self.admitted or peer_address(transport)
+        if self.admitted:
+            peer = self.admitted
+        elif self.resumed is not None:  # a mail process's: the socket may be a login process's relay
+            peer = self.resumed[0].peer
+        else:
+            peer = peer_address(transport)
+        self.peer = peer
         refusal = service.admit(self)
         if refusal is not None:
             self.closed = True

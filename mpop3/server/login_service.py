@@ -10,8 +10,7 @@ import socket
 
 from ..protocol._parser import TOO_LONG
 from . import records
-from .models import SERVICE_SIGNALS
-from .service import Service, new_loop
+from .service import SERVICE_SIGNALS, Service, new_loop
 
 log = logging.getLogger("mpop3.server")
 

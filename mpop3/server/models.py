@@ -26,15 +26,13 @@ from .file_throttle import FileLoginThrottle
 from .limits import FileLoginClock
 from .per_session import SessionProcesses
 from .prefork import Prefork
-from .service import Service, bind, new_loop
+from .service import SERVICE_SIGNALS, Service, bind, new_loop
 from .split import Split
 from .stdio import connect_socket, connect_stdin
 from .supervisor import HANDLED
 from .workers import InlineWorkers
 
 log = logging.getLogger("mpop3.server")
-
-SERVICE_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def run(conf, tables, stdin_mode=False, debug=False):
@@ -62,7 +60,7 @@ def run(conf, tables, stdin_mode=False, debug=False):
         log.error("cannot listen: %s", e.strerror or e)
         return 1
     if per_session and conf.values["login_user"]:
-        return Split(conf, tables, socket_sets[0], plan, before_open, debug=debug).run()
+        return Split(conf, tables, socket_sets[0], plan, debug=debug).run()
     if per_session:
 
         def serve_session(conf, sock, channel):
@@ -108,23 +106,6 @@ def serve_connection(conf, tables, sock, channel, before_open):
     def main(service):
         service.loop.run_until_complete(service.serve_one(lambda c: connect_socket(service, c, sock)))
         if service.stopping:  # SIGTERM came: let stop() finish its work
-            service.loop.run_until_complete(service.stopped)
-
-    return in_service(
-        conf, tables, main, workers=InlineWorkers, limits=(channel.throttle, channel.clock), before_open=before_open
-    )
-
-
-def serve_handed(conf, tables, sock, handover, lines, channel, before_open):
-    """A mail process of the split model: the session a login process
-    logged in, from its mailbox's opening to its end."""
-
-    def main(service):
-        def connect(connection):
-            return service.connect_socket(connection, sock, None)  # in clear: any TLS stayed in the login process
-
-        service.loop.run_until_complete(service.serve_one(connect, resumed=(handover, lines)))
-        if service.stopping:
             service.loop.run_until_complete(service.stopped)
 
     return in_service(

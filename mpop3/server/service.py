@@ -19,6 +19,7 @@ fails keeps the running settings.
 import asyncio
 import logging
 import os
+import signal
 import socket
 import ssl
 
@@ -37,6 +38,8 @@ from .workers import Workers
 
 log = logging.getLogger("mpop3.server")
 
+SERVICE_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # a Service handles these on its loop
+
 
 class Settings:
     """The reloadable settings as plain attributes (read on every command)."""
@@ -47,9 +50,7 @@ class Settings:
 
 
 class Service:
-    def __init__(
-        self, conf, tables, loop, *, workers=None, limits=None, tally=None, before_open=None, hand_off=None
-    ):
+    def __init__(self, conf, tables, loop, *, workers=None, limits=None, tally=None, before_open=None, hand_off=None):
         """`workers`: InlineWorkers in a process of one session (default:
         threads). `limits`: (throttle, clock) of a parent process that sees
         every session (default: this process's own). `tally`: the session
@@ -89,6 +90,7 @@ class Service:
         )
         self.before_open = before_open
         self.hand_off = hand_off
+        self.session_ended = None  # a mail process tells its master (mail_service.py)
         self.login_job = jobs.log_in if hand_off is None else jobs.log_in_elsewhere
         self.connections = set()
         self.listeners = []
@@ -129,6 +131,8 @@ class Service:
     def forget(self, connection):
         self.connections.discard(connection)
         self.admission.release(connection.peer)
+        if self.session_ended is not None:
+            self.session_ended(connection)
 
     def accepted(self, conn, peer, context):
         """A connection the acceptor took (accept.py): counted now, before
@@ -208,7 +212,7 @@ class Service:
         """One session, wired up by `await connect(connection)`, to its end;
         `resumed`: a session another process logged in (Connection)."""
         self.sweep_idle()
-        connection = Connection(self, admitted=resumed[0].peer if resumed else None, resumed=resumed)
+        connection = Connection(self, resumed=resumed)
         connection.closed_waiter = self.loop.create_future()
         await connect(connection)
         await connection.closed_waiter

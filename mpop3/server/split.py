@@ -35,6 +35,7 @@ from ..protocol.core import Handover
 from . import privs, records
 from .auth_service import AuthServer
 from .limits import Admission
+from .mail_service import session_record
 from .per_session import prepare_for_forks, refuse
 from .supervisor import ChildReports, Supervisor
 
@@ -45,12 +46,11 @@ MOST_LINES = 64  # pipelined lines a hand-off may carry
 
 
 class Split(Supervisor):
-    def __init__(self, conf, tables, sockets, plan, before_open, debug=False):
+    def __init__(self, conf, tables, sockets, plan, debug=False):
         super().__init__(conf)
         self.tables = tables
         self.sockets = sockets
         self.plan = plan
-        self.before_open = before_open
         self.debug = debug
         values = conf.values
         self.admission = Admission(values["max_sessions"], values["max_sessions_per_ip"], None, values["ipv6_prefix"])
@@ -58,6 +58,8 @@ class Split(Supervisor):
         self.auth = None  # (pid, control socket)
         self.logins = {}  # slot -> (pid, hand-off socket)
         self.due = {}  # slot (or "auth") -> monotonic time of a restart
+        self.mail = {}  # uid -> its MailProcess, while it takes sessions
+        self.identities = privs.SessionIdentities(plan, conf.values)
         self.apop = tables.auth.auth_timestamp() is not None
         from .service import plaintext_passwords
 
@@ -216,31 +218,86 @@ class Split(Supervisor):
         return answer or {}
 
     def start_mail(self, client, handover, lines):
+        """Give the session to the mail process of its mailbox's user,
+        started now if there is none."""
         address = handover.peer
+        try:
+            who = self.identities.for_mailbox(handover.mailbox)
+        except (privs.PrivilegeError, KeyError) as e:
+            log.error("mailbox %s: cannot tell whom to serve it as: %s", handover.mailbox, e)
+            refuse(client, replies.ERR_NO_SESSION_PROCESS)
+            return
         refusal = self.admission.admit(address)
         if refusal is not None:
             refuse(client, refusal)
             return
+        mail = self.mail.get(who.uid)
         try:
-            pid, channel = self.fork(address)
+            if mail is None:
+                mail = self.mail[who.uid] = self.start_mail_process(who)
+            records.send(mail.sock, session_record(handover, lines), [client.fileno()])
         except OSError as e:
-            log.error("%s: refused, cannot start a mail process: %s", address, e.strerror)
+            log.error("%s: refused, cannot start or reach a mail process: %s", address, e.strerror or e)
             self.admission.release(address)
             refuse(client, replies.ERR_NO_SESSION_PROCESS)
             return
-        if pid == 0:
-            self.child_main("mail process", lambda: self.be_mail(client, handover, lines, channel))
         client.close()
-        self.children[pid] = ("mail", address)
+        mail.sessions.append(address)
+        mail.idle_since = None
 
-    def be_mail(self, client, handover, lines, channel):
-        from .models import serve_handed
+    def start_mail_process(self, who):
+        ours, theirs = records.pair()
+        pid, channel = self.fork()
+        if pid == 0:
+            ours.close()
+            self.child_main("mail process", lambda: self.be_mail(who, theirs, channel))
+        theirs.close()
+        ours.setblocking(False)
+        mail = MailProcess(pid, who.uid, ours)
+        self.selector.register(ours, selectors.EVENT_READ, lambda sock: self.mail_said(mail))
+        self.children[pid] = ("mail", mail)
+        return mail
 
-        for sock in self.sockets:
-            sock.close()
+    def be_mail(self, who, sock, channel):
+        from .mail_service import serve_mail
+        from .service import new_loop
+
+        for listening in self.sockets:
+            listening.close()
         self.auth[1].close()
-        client.setblocking(False)
-        return serve_handed(self.conf, self.tables, client, handover, lines, channel, self.before_open)
+        if not privs.switch_or_log(who):
+            return 1
+        loop = new_loop()
+        try:
+            return serve_mail(self.conf, self.tables, loop, sock, channel)
+        finally:
+            loop.close()
+
+    def mail_said(self, mail):
+        try:
+            record, fds = records.receive(mail.sock)
+        except BlockingIOError:
+            return
+        except (OSError, records.BadRecord):
+            record, fds = None, []
+        records.close_all(fds)
+        if record is None:
+            self.let_go(mail)
+            return
+        address = record.get("ended")
+        if address in mail.sessions:
+            mail.sessions.remove(address)
+            self.admission.release(address)
+            if not mail.sessions:
+                mail.idle_since = time.monotonic()
+
+    def let_go(self, mail):
+        """No more sessions for this mail process: it ends once its own have."""
+        if self.mail.get(mail.uid) is mail:
+            del self.mail[mail.uid]
+        if mail.sock.fileno() >= 0:
+            self.selector.unregister(mail.sock)
+            mail.sock.close()
 
     # --- children ending ----------------------------------------------------------
 
@@ -249,7 +306,11 @@ class Split(Supervisor):
         if os.WIFSIGNALED(status):
             log.error("%s process %d killed by signal %d", kind[0], pid, os.WTERMSIG(status))
         if kind[0] == "mail":
-            self.admission.release(kind[1])
+            mail = kind[1]
+            self.let_go(mail)
+            for address in mail.sessions:  # they died with it
+                self.admission.release(address)
+            mail.sessions = []
         elif kind[0] == "login":
             _, slot, channel, handoff = kind
             for sock in (channel, handoff):
@@ -265,12 +326,19 @@ class Split(Supervisor):
             self.due["auth"] = time.monotonic() + RESTART_DELAY
 
     def timeout(self):
-        if not self.due:
+        times = list(self.due.values())
+        idle = self.conf.values["mail_process_idle"]
+        times += [m.idle_since + idle for m in self.mail.values() if m.idle_since is not None]
+        if not times:
             return None
-        return max(0.0, min(self.due.values()) - time.monotonic())
+        return max(0.0, min(times) - time.monotonic())
 
     def tick(self):
         now = time.monotonic()
+        idle = self.conf.values["mail_process_idle"]
+        for mail in list(self.mail.values()):
+            if mail.idle_since is not None and now - mail.idle_since >= idle:
+                self.let_go(mail)
         for what, when in list(self.due.items()):
             if when > now or self.stopping:
                 continue
@@ -306,3 +374,14 @@ class Split(Supervisor):
         if self.jail is not None:
             shutil.rmtree(self.jail, ignore_errors=True)
         return super().finished()
+
+
+class MailProcess:
+    """The master's record of a mail process."""
+
+    def __init__(self, pid, uid, sock):
+        self.pid = pid
+        self.uid = uid
+        self.sock = sock
+        self.sessions = []  # client addresses, one per session it serves
+        self.idle_since = None  # monotonic time it last had no session

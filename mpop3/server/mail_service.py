@@ -1,0 +1,92 @@
+"""A mail process of the split model (split.py): one per mailbox user
+(uid), forked by the master, which becomes that user at once and then
+serves the sessions the master sends it, each from the opening of its
+mailbox to its end, all of that uid and no other. Told nothing more (the
+master closes the socket once the process has been idle for
+`mail_process_idle`), it finishes what it has and ends.
+
+From the master, one record per session (records.py) with the client's
+socket beside it; to the master, {"ended": address} as each session ends,
+so the counts there stay right.
+"""
+
+import logging
+import signal
+import socket
+
+from ..protocol.core import Handover
+from . import records
+from .connection import Connection
+from .service import SERVICE_SIGNALS, Service
+
+log = logging.getLogger("mpop3.server")
+
+
+def session_record(handover, lines):
+    """What the master sends a mail process for one session."""
+    return {
+        "peer": handover.peer,
+        "user": handover.user.hex(),
+        "mailbox": handover.mailbox,
+        "secure": handover.secure,
+        "cleartext_ok": handover.cleartext_ok,
+        "failures": handover.failures,
+        "lines": [None if line is None else line.hex() for line in lines],
+    }
+
+
+def serve_mail(conf, tables, loop, master, channel):
+    """Run on `loop` until the master lets go and every session has ended."""
+    service = Service(conf, tables, loop, limits=(channel.throttle, channel.clock))
+    master.setblocking(False)
+    state = {"open": True}
+
+    def ended(connection):
+        try:
+            records.send(master, {"ended": connection.peer})
+        except OSError:
+            pass
+        if not state["open"] and not service.connections:
+            service.stop()
+
+    service.session_ended = ended
+
+    def from_master():
+        try:
+            record, fds = records.receive(master)
+        except BlockingIOError:
+            return
+        except (OSError, records.BadRecord):
+            record, fds = None, []
+        if record is None:  # let go: no more sessions will come
+            loop.remove_reader(master.fileno())
+            state["open"] = False
+            if not service.connections:
+                service.stop()
+            return
+        if len(fds) != 1:
+            records.close_all(fds)
+            return
+        client = socket.socket(fileno=fds[0])
+        client.setblocking(False)
+        handover = Handover(
+            record["peer"],
+            bytes.fromhex(record["user"]),
+            record["mailbox"],
+            record["secure"],
+            record["cleartext_ok"],
+            record["failures"],
+        )
+        lines = [None if line is None else bytes.fromhex(line) for line in record["lines"]]
+        connection = Connection(service, resumed=(handover, lines))
+        loop.create_task(service.connect_socket(connection, client, None))
+
+    loop.add_reader(master.fileno(), from_master)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, service.stop)
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
+    loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, SERVICE_SIGNALS)
+    service.sweep_idle()
+    loop.run_until_complete(service.stopped)
+    loop.run_until_complete(service.finish_commits())
+    return 0
