@@ -15,6 +15,7 @@ appended to bench/results.txt). The load generator's own CPU share is
 reported so one can see it is not the bottleneck.
 """
 
+import contextlib
 import os
 import random
 import shutil
@@ -28,7 +29,8 @@ import dovecot
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from pop_server import make_certificate, served_as_safe_user  # noqa: E402  (the spools, as the tests give them to safe_user)
+from pop_server import make_certificate, served_as_safe_user  # noqa: E402
+from system_users import system_user  # noqa: E402  (the spools, as the tests give them to safe_user)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TREE = os.path.dirname(HERE)
@@ -147,6 +149,20 @@ def site(tmp_path_factory):
         root,
         f"auth_module auth_file\n> passwd_file {root}/passwd\nstorage_module storage_mbox\n> storage_dir {spool}\n",
     )
+    # the same with processes by role (login_user): login processes, an auth
+    # process, mail processes (the virtual users here share one: reuse)
+    split = {}
+    stack = contextlib.ExitStack()
+    split_tls_port = free_port()
+    if os.geteuid() == 0:
+        split_user = stack.enter_context(system_user("mpop3bench-login", system=True))
+        split["split"] = start_mpop3(
+            root,
+            f"auth_module auth_file\n> passwd_file {root}/passwd\nstorage_module storage_mbox\n"
+            f"> storage_dir {spool}\nlogin_user {split_user.pw_name}\nprocesses {PROCESSES}\n"
+            f"tls_cert {cert}\ntls_key {key}\nlisten_tls 127.0.0.1:{split_tls_port}\n",
+        )
+        split["split-tls"] = (split["split"][0], split_tls_port)
     # the same server without a storage module (every mailbox empty): what
     # the core costs, apart from the mbox engine
     core_tls_port = free_port()
@@ -174,6 +190,7 @@ def site(tmp_path_factory):
         wait_listening(dovecot_port)
     yield {
         **extra,
+        **split,
         "mpop3": (server, port),
         "mpop3-tls": (server, tls_port),
         "multi": (multi, multi_port),
@@ -185,6 +202,7 @@ def site(tmp_path_factory):
         "where": str(root),
     }
     procs = [server, multi, per_session, core, canned] + [proc for proc, _ in extra.values()]
+    procs += [split["split"][0]] if split else []
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     for proc in procs:  # every one is stopped, even if one of them hangs
@@ -193,6 +211,7 @@ def site(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    stack.close()
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -455,5 +474,50 @@ def test_process_per_session(site, capsys):
         capsys,
         f"idle {IDLE_SESSIONS} sessions, {model}: {per_session:.0f} KiB PSS per "
         f"logged-in session; shared process {shared_pss:.1f} KiB, ratio {per_session / shared_pss:.0f}",
+    )
+    assert ours["sessions"] > 0
+
+
+def test_processes_by_role(site, capsys):
+    """The split model (login_user): logins at 32 clients where the users
+    come back to their mail process (virtual users: one uid), RETR over TLS
+    through the login process's relay, PSS per idle logged-in session,
+    next to the shared process and a process per session in the same run."""
+    if "split" not in site:
+        report(site, capsys, "processes by role: NOT root, not measured")
+        return
+    shared = measure(site, "mpop3", "login", 32, "user3%02d")
+    time.sleep(0.3)
+    ours = measure(site, "split", "login", 32, "user5%02d")
+    time.sleep(0.3)
+    per_session = measure(site, "per-session", "login", 32, "user4%02d")
+    rate = ours["sessions"] / ours["seconds"]
+    shared_rate = shared["sessions"] / shared["seconds"]
+    per_session_rate = per_session["sessions"] / per_session["seconds"]
+    report(
+        site,
+        capsys,
+        f"login 32 clients, processes by role (mail process reused): {rate:6.0f} sessions/s (target >= 1,000); "
+        f"shared process {shared_rate:6.0f}/s, ratio {rate / shared_rate:.2f} (target >= 0.6); "
+        f"a process per session {per_session_rate:6.0f}/s, ratio {rate / per_session_rate:.2f}; "
+        f"server CPU per session {1e3 * ours['server_cpu'] / rate:.2f} ms",
+    )
+    tls_shared = measure(site, "mpop3-tls", "retr", 4, "r%d")
+    tls_split = measure(site, "split-tls", "retr", 4, "r%d")
+    mb = tls_split["bytes"] / tls_split["seconds"] / 1e6
+    mb_shared = tls_shared["bytes"] / tls_shared["seconds"] / 1e6
+    report(
+        site,
+        capsys,
+        f"RETR over TLS 4 clients, processes by role (relay): {mb:.0f} MB/s; shared process {mb_shared:.0f} MB/s, "
+        f"ratio {mb / mb_shared:.2f} (target >= 0.7)",
+    )
+    time.sleep(0.5)
+    split_pss = idle_pss(site, "split")
+    report(
+        site,
+        capsys,
+        f"idle {IDLE_SESSIONS} sessions, processes by role (one mail process, shared uid): "
+        f"{split_pss:.1f} KiB PSS per logged-in session (login and mail processes together)",
     )
     assert ours["sessions"] > 0

@@ -85,7 +85,9 @@ class Service:
             throttle,
             settings.max_login_attempts_per_ip,
             prefix,
-            slots=min(values["worker_threads"], os.cpu_count() or 1),
+            # hashing is CPU work: no more at once than CPUs, unless another
+            # process hashes (a login process waits on the auth process)
+            slots=values["worker_threads"] if hand_off else min(values["worker_threads"], os.cpu_count() or 1),
             queue=values["login_queue"],
         )
         self.before_open = before_open
