@@ -7,6 +7,7 @@ import json
 import os
 import poplib
 import pwd
+import signal
 import socket
 import ssl
 import subprocess
@@ -313,3 +314,39 @@ def test_a_lying_login_process_cannot_pick_a_mailbox(spawn, login_user, tmp_path
     assert len(role_pids(server)[1]) == 1  # the auth process only: no mail process was started
     w = Wire(server.port)  # and the server goes on
     w.login("vera", "pw")
+
+
+def test_sighup_replaces_the_login_processes_gracefully(spawn, login_user, certificate, tmp_path):
+    """A new configuration reaches new clients through new login processes;
+    a client in the middle of its login finishes it on the old one, which
+    then ends. A certificate that does not load keeps the running ones."""
+    cert, key = certificate
+    server = split_site(spawn, implementation="first", tls_cert=cert, tls_key=key)
+    (old,), _ = wait_for(lambda: len((r := role_pids(server))[0]) == 1 and r, seconds=10)
+    wait_for(lambda: status(old)["Uid"].split()[0] != "0", seconds=10)
+    midway = Wire(server.port)
+    midway.cmd("USER vera")
+    relayed = poplib.POP3("127.0.0.1", server.port, timeout=10)
+    relayed.stls(ssl.create_default_context(cafile=cert))
+    relayed.user("walt")
+    relayed.pass_("pw")  # logged in, through the old login process's relay
+    conf = tmp_path / "mpop3.conf"
+    conf.write_text(conf.read_text().replace("implementation first", "implementation second"))
+    os.kill(server.proc.pid, signal.SIGHUP)
+    (new,) = wait_for(lambda: [p for p in role_pids(server)[0] if p != old], seconds=10)
+    wait_for(lambda: status(new)["Uid"].split()[0] != "0", seconds=10)
+    w = Wire(server.port)
+    w.cmd("CAPA")
+    assert b"IMPLEMENTATION second" in w.multi()
+    assert midway.cmd("PASS pw").startswith(b"+OK maildrop")  # finished on the old one
+    assert midway.cmd("STAT").startswith(b"+OK 2 ")
+    time.sleep(0.5)
+    assert old in children(server.proc.pid)  # still relaying walt's session
+    assert relayed.stat()[0] == 2
+    relayed.quit()
+    wait_for(lambda: old not in children(server.proc.pid), seconds=15)  # which then ends
+    conf.write_text(conf.read_text().replace(f"tls_key {key}", f"tls_key {tmp_path / 'missing.pem'}"))
+    os.kill(server.proc.pid, signal.SIGHUP)
+    time.sleep(1.5)
+    assert role_pids(server)[0] == [new]  # kept
+    Wire(server.port).login("walt", "pw")

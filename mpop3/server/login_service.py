@@ -55,8 +55,26 @@ def from_master(handoffs, auth, service):
         return
     if record.get("auth") is True:
         auth.replace(fds)
-    else:
-        records.close_all(fds)
+        return
+    records.close_all(fds)
+    if record.get("retire") is True:  # a reload: newer login processes take the new clients
+        retire(service)
+
+
+def retire(service):
+    """Take no new client; end once the sessions here (those logging in,
+    and the relays of logged-in TLS sessions) have ended, however long."""
+    for listener in service.listeners:
+        listener.close()
+    service.listeners = []
+
+    def check():
+        if service.connections or service.relays:
+            service.loop.call_later(0.2, check)
+        else:
+            service.stop()
+
+    check()
 
 
 class HandOff:
@@ -118,7 +136,17 @@ class Relay:
         relay = cls(connection)
         client.set_protocol(relay.client_side)
         connection.detach()
+        connection.service.relays.add(relay)
         loop.create_task(relay.connect(loop, ours))
+
+    def abort(self):
+        for side in (self.client_side, self.mail_side):
+            if side.transport is not None:
+                side.transport.abort()
+
+    def ended(self):
+        self.connection.service.relays.discard(self)
+        self.connection.relay_ended()
 
     def __init__(self, connection):
         self.connection = connection
@@ -174,7 +202,7 @@ class Side(asyncio.Protocol):
         other = self.other.transport
         if other is not None:
             other.close()
-        self.relay.connection.relay_ended()
+        self.relay.ended()
 
     def pause_writing(self):
         if self.other.transport is not None:

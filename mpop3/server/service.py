@@ -93,6 +93,7 @@ class Service:
         self.before_open = before_open
         self.hand_off = hand_off
         self.session_ended = None  # a mail process tells its master (mail_service.py)
+        self.relays = set()  # a login process's relays to mail processes (login_service.py)
         self.login_job = jobs.log_in if hand_off is None else jobs.log_in_elsewhere
         self.connections = set()
         self.listeners = []
@@ -240,8 +241,10 @@ class Service:
 
     async def drain(self):
         deadline = self.loop.time() + self.settings.shutdown_grace
-        while self.connections and self.loop.time() < deadline:
+        while (self.connections or self.relays) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
+        for relay in list(self.relays):  # a login process's logged-in TLS sessions
+            relay.abort()
         if self.connections:
             log.info(
                 "grace period over: closing %d session%s without committing",

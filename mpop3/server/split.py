@@ -32,12 +32,12 @@ import time
 
 from ..protocol import replies
 from ..protocol.core import Handover
-from . import privs, records
+from . import privs, records, tls
 from .auth_service import AuthServer
 from .limits import Admission
 from .mail_service import session_record
 from .per_session import prepare_for_forks, refuse
-from .supervisor import ChildReports, Supervisor
+from .supervisor import HANDLED, ChildReports, Supervisor
 
 log = logging.getLogger("mpop3.server")
 
@@ -56,7 +56,7 @@ class Split(Supervisor):
         self.admission = Admission(values["max_sessions"], values["max_sessions_per_ip"], None, values["ipv6_prefix"])
         self.jail = None
         self.auth = None  # (pid, control socket)
-        self.logins = {}  # slot -> (pid, hand-off socket)
+        self.logins = {}  # slot -> its LoginProcess (the one taking new clients)
         self.due = {}  # slot (or "auth") -> monotonic time of a restart
         self.mail = {}  # uid -> its MailProcess, while it takes sessions
         self.identities = privs.SessionIdentities(plan, conf.values)
@@ -137,6 +137,8 @@ class Split(Supervisor):
         with os.fdopen(setup_w, "wb") as f:
             f.write(json.dumps(setup).encode())
         fds = [setup_r, *(s.fileno() for s in given), *(s.fileno() for s in self.sockets)]
+        # it starts with our signals held, until its loop handles them
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "mpop3.server.login_process", str(setup_r)],
@@ -144,6 +146,7 @@ class Split(Supervisor):
                 env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
             )
         finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
             os.close(setup_r)
             for s in given:
                 s.close()
@@ -151,32 +154,33 @@ class Split(Supervisor):
         channel.setblocking(False)
         self.selector.register(channel, selectors.EVENT_READ, ChildReports(self, channel, None).read)
         handoff.setblocking(False)
-        self.selector.register(handoff, selectors.EVENT_READ, lambda sock: self.handed(slot, sock))
-        self.children[proc.pid] = ("login", slot, channel, handoff)
-        self.logins[slot] = (proc.pid, handoff)
+        login = LoginProcess(proc.pid, slot, channel, handoff)
+        self.selector.register(handoff, selectors.EVENT_READ, lambda sock: self.handed(login, sock))
+        self.children[proc.pid] = ("login", login)
+        self.logins[slot] = login
 
     # --- hand-offs -------------------------------------------------------------
 
-    def handed(self, slot, sock):
+    def handed(self, login, sock):
         try:
             record, fds = records.receive(sock)
         except BlockingIOError:
             return
         except (OSError, records.BadRecord) as e:
-            log.error("login process %d sent a bad hand-off (%s)", self.logins[slot][0], e)
+            log.error("login process %d sent a bad hand-off (%s)", login.pid, e)
             return
         if record is None:
             self.selector.unregister(sock)
             return
         if len(fds) != 1:
             records.close_all(fds)
-            log.error("login process %d sent a hand-off without its client", self.logins[slot][0])
+            log.error("login process %d sent a hand-off without its client", login.pid)
             return
         client = socket.socket(fileno=fds[0])
         try:
             handover, lines = self.check_hand_off(record)
         except records.BadRecord as e:
-            log.error("login process %d: hand-off refused: %s", self.logins[slot][0], e)
+            log.error("login process %d: hand-off refused: %s", login.pid, e)
             refuse(client, replies.ERR_NO_SESSION_PROCESS)
             return
         self.start_mail(client, handover, lines)
@@ -312,14 +316,16 @@ class Split(Supervisor):
                 self.admission.release(address)
             mail.sessions = []
         elif kind[0] == "login":
-            _, slot, channel, handoff = kind
-            for sock in (channel, handoff):
-                if sock.fileno() >= 0 and sock in (key.fileobj for key in self.selector.get_map().values()):
+            login = kind[1]
+            registered = {key.fileobj for key in self.selector.get_map().values()}
+            for sock in (login.channel, login.handoff):
+                if sock in registered:
                     self.selector.unregister(sock)
                 sock.close()
-            self.logins.pop(slot, None)
-            if not self.stopping:
-                self.due[slot] = time.monotonic() + RESTART_DELAY
+            if self.logins.get(login.slot) is login:  # not one a reload replaced
+                del self.logins[login.slot]
+                if not self.stopping:
+                    self.due[login.slot] = time.monotonic() + RESTART_DELAY
         elif not self.stopping:  # the auth process
             self.auth[1].close()
             self.auth = None
@@ -355,15 +361,55 @@ class Split(Supervisor):
 
     def new_auth_sockets(self):
         """Every login process gets sockets to the new auth process."""
-        for pid, handoff in self.logins.values():
+        for login in self.logins.values():
             auth = self.auth_sockets()
             try:
-                records.send(handoff, {"auth": True}, [s.fileno() for s in auth])
+                records.send(login.handoff, {"auth": True}, [s.fileno() for s in auth])
             except OSError as e:
-                log.error("login process %d: cannot pass it the new auth process: %s", pid, e.strerror)
+                log.error("login process %d: cannot pass it the new auth process: %s", login.pid, e.strerror)
             finally:
                 for s in auth:
                     s.close()
+
+    def reloaded(self, new):
+        """SIGHUP (the configuration and certificate re-read here, as root,
+        and found good): new login processes take new clients; the old ones
+        stop taking them and end once their sessions have (shutdown_grace)."""
+        self.admission.max_sessions = new.values["max_sessions"]
+        self.admission.max_per_address = new.values["max_sessions_per_ip"]
+        if new.values["tls_cert"] is not None:
+            try:
+                tls.context_from_config(new)
+            except tls.TLSSetupError:
+                log.error("reload: the login processes keep running with the certificate they have")
+                return
+        old = list(self.logins.values())
+        for login in old:
+            del self.logins[login.slot]
+            try:
+                self.start_login(login.slot)
+            except OSError as e:
+                log.error("reload: cannot start a login process: %s; keeping the old one", e.strerror or e)
+                self.logins[login.slot] = login
+                continue
+            try:
+                records.send(login.handoff, {"retire": True})
+            except OSError:
+                pass
+        log.info("reload: %d login process%s replaced", len(old), "" if len(old) == 1 else "es")
+
+    def forward(self, signum):
+        """A SIGHUP reaches the mail processes only: login processes are
+        replaced instead (reloaded), the auth process keeps its tables."""
+        if signum != signal.SIGHUP:
+            super().forward(signum)
+            return
+        for pid, kind in self.children.items():
+            if kind[0] == "mail":
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
 
     def stop_accepting(self):
         for sock in self.sockets:
@@ -385,3 +431,14 @@ class MailProcess:
         self.sock = sock
         self.sessions = []  # client addresses, one per session it serves
         self.idle_since = None  # monotonic time it last had no session
+
+
+class LoginProcess:
+    """The master's record of a login process."""
+
+    def __init__(self, pid, slot, channel, handoff):
+        self.pid = pid
+        self.slot = slot
+        self.channel = channel  # its reports: delays, LOGIN-DELAY (supervisor.ChildReports)
+        self.handoff = handoff  # its logged-in sessions
+
