@@ -256,14 +256,22 @@ def stack_modules(name, seen=None):
     return found
 
 
+def setting_error(message):
+    """A ModuleInitError the loader reports at the `> pam_service` line, if
+    the file has one (mpop3.loader.setting_where)."""
+    error = ModuleInitError(message)
+    error.setting = "pam_service"
+    return error
+
+
 def module_init(settings):
     global service, need_root, costs, wrong_password
     wrong_password = WrongPasswordCost()
     name = settings.get("pam_service", "mpop3")
     if not name or "/" in name or name.startswith(".") or "\0" in name:
-        raise ModuleInitError(f"pam_service {name!r} is not a service name")
+        raise setting_error(f"pam_service {name!r} is not a service name")
     if service_file(name) is None:
-        raise ModuleInitError(
+        raise setting_error(
             f"pam_service {name!r}: no such service (no {name} in {', '.join(PAM_DIRS)}; "
             "PAM would use its 'other' stack)"
         )

@@ -241,9 +241,18 @@ def run_init(module, line, path):
     try:
         init(dict(line.settings))
     except (ModuleInitError, ValueError, OSError) as e:
-        raise ConfigError(line.where, f"module {path}: init failed: {e}") from None
+        raise ConfigError(setting_where(line, e), f"module {path}: init failed: {e}") from None
     except Exception as e:
-        raise ConfigError(line.where, f"module {path}: init failed: {type(e).__name__}: {e}") from None
+        raise ConfigError(setting_where(line, e), f"module {path}: init failed: {type(e).__name__}: {e}") from None
+
+
+def setting_where(line, error):
+    """Where to point for a module_init error: the `> name` line of the
+    setting the module blames, if it names one it was given (an attribute
+    `setting` on the exception; no ABI change: a module that does not set
+    it, or a loader that does not read it, keeps to the module's line)."""
+    name = getattr(error, "setting", None)
+    return line.setting_lines.get(name, line.where) if isinstance(name, str) else line.where
 
 
 def function_map(tables):

@@ -138,13 +138,19 @@ def test_the_stack_decides(accounts, server_thread):
         assert tables.auth.auth_attempt_login("mpop3pamok", "mpop3pamok-pw") is None
 
 
-def test_an_unknown_service_is_one_line_naming_the_file_and_line(tmp_path):
+@pytest.mark.parametrize(
+    "service, error", [("mpop3-no-such-service", "no such service"), ("../shadow", "not a service")]
+)
+def test_a_bad_service_is_one_line_at_its_setting_line(tmp_path, service, error):
+    """From --check-config and from a real start-up alike: one line, at the
+    `> pam_service` line (line 3)."""
     path = tmp_path / "mpop3.conf"
-    path.write_text(conf_text("mpop3-no-such-service"))
-    result = run_mpop3("--check-config", "-c", str(path))
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.match(rf"{re.escape(str(path))}:2: .*no such service", lines[0]), result.stderr
+    path.write_text(conf_text(service))
+    for how in (["--check-config"], []):
+        result = run_mpop3(*how, "-c", str(path))
+        assert result.returncode == 2, (how, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and re.match(rf"{re.escape(str(path))}:3: .*{error}", lines[0]), (how, result.stderr)
 
 
 def test_the_installed_example_and_the_readme(installed):

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
 
 import pytest
@@ -164,7 +165,19 @@ def test_locked_entries_never_log_in_and_are_logged_once(running, server_thread,
 
 def test_a_one_column_query_logs_in_to_the_mailbox_named_like_the_user(running):
     tables, _ = load(running, query="SELECT password FROM users WHERE username = $1")
-    assert tables.auth.auth_attempt_login("cleartext", "clear-pw") == "cleartext"
+    for _ in range(3):  # a connection of its own, then the pool's, prepared, then prepared already
+        assert tables.auth.auth_attempt_login("cleartext", "clear-pw") == "cleartext"
+
+
+def test_string_columns_of_any_kind_and_bytea(running):
+    """A varchar mailbox, and a bytea password (its hex text form read back
+    as bytes), are read as text columns are."""
+    query = "SELECT convert_to(password, 'UTF8'), mailbox::varchar(40) FROM users WHERE username = $1"
+    tables, _ = load(running, query=query)
+    for _ in range(2):  # a connection of its own, then the pool's
+        assert tables.auth.auth_attempt_login("cleartext", "clear-pw") == "clearbox"
+        assert tables.auth.auth_attempt_login("sha512", "sha512-pw") == "sha512"
+        assert tables.auth.auth_attempt_login("sha512", "sha512-px") is None
 
 
 def test_an_unsafe_mailbox_name_is_refused(running, server_thread):
@@ -264,32 +277,56 @@ def test_a_query_slower_than_query_timeout_is_a_temporary_failure(running, serve
 # --- configuration ----------------------------------------------------------------------------
 
 
-def check_config(tmp_path, text):
+def check_config(tmp_path, text, start=False):
+    """`mpop3 --check-config` on `text`, or with start=True a real start-up
+    (which, for a bad configuration, ends before listening)."""
     path = tmp_path / "mpop3.conf"
     path.write_text(text)
-    return run_mpop3("--check-config", "-c", str(path)), path
+    return run_mpop3(*(() if start else ("--check-config",)), "-c", str(path)), path
 
 
-@pytest.mark.parametrize(
-    "settings, error",
-    [
-        ({"connection": "host=/tmp dbname='unterminated"}, r"connection .* does not parse"),
-        ({"connection": "nosuchkey=1"}, r"connection .* does not parse"),
-        ({"query": "SELECT password FROM users WHERE username = 'x'"}, r"\$1"),
-        ({"query": "SELECT password FROM users WHERE username = $1 AND mailbox = $2"}, r"\$1"),
-        ({"query": "SELECT password, mailbox, username FROM users WHERE username = $1"}, r"returns 3 columns"),
-        ({"query": "SELECT password FROM no_such_table WHERE username = $1"}, r"no_such_table"),
-        ({"query": "SELEC password FROM users WHERE username = $1"}, r"syntax error"),
-        ({"default_scheme": "SSHA"}, r"default_scheme"),
-        ({"pool_size": "0"}, r"pool_size"),
-        ({"query_timeout": "soon"}, r"query_timeout"),
-    ],
-)
-def test_bad_settings_are_one_line_naming_the_file_and_line(running, tmp_path, settings, error):
-    result, path = check_config(tmp_path, conf_text(running, **settings))
-    assert result.returncode != 0
+BAD_SETTINGS = [
+    ({"connection": "host=/tmp dbname='unterminated"}, r"connection .* does not parse"),
+    ({"connection": "nosuchkey=1"}, r"connection .* does not parse"),
+    ({"query": "SELECT password FROM users WHERE username = 'x'"}, r"\$1"),
+    ({"query": "SELECT password FROM users WHERE username = $1 AND mailbox = $2"}, r"\$1"),
+    ({"query": "SELECT password, mailbox, username FROM users WHERE username = $1"}, r"returns 3 columns"),
+    ({"query": "SELECT length(password) FROM users WHERE username = $1"}, r"type int4: the password must be text"),
+    ({"query": "SELECT password, 7 FROM users WHERE username = $1"}, r"type int4: the mailbox must be text"),
+    ({"query": "SELECT password FROM no_such_table WHERE username = $1"}, r"no_such_table"),
+    ({"query": "SELEC password FROM users WHERE username = $1"}, r"syntax error"),
+    ({"default_scheme": "SSHA"}, r"default_scheme"),
+    ({"pool_size": "0"}, r"pool_size"),
+    ({"query_timeout": "soon"}, r"query_timeout"),
+]
+
+
+def setting_line(text, name):
+    """The line number of `> name` in a configuration text."""
+    return next(n for n, line in enumerate(text.splitlines(), 1) if line.startswith(f"> {name} "))
+
+
+@pytest.mark.parametrize("settings, error", BAD_SETTINGS)
+def test_bad_settings_are_one_line_naming_the_setting_line(running, tmp_path, settings, error):
+    """From --check-config and from a real start-up alike: one line, at the
+    `> setting` line the module blames."""
+    text = conf_text(running, **settings)
+    (name,) = settings
+    for start in (False, True):
+        result, path = check_config(tmp_path, text, start)
+        assert result.returncode == 2, (start, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        where = f"{re.escape(str(path))}:{setting_line(text, name)}"
+        assert len(lines) == 1 and re.match(rf"{where}: .*{error}", lines[0]), (start, result.stderr)
+
+
+def test_the_default_query_without_its_table_names_the_module_line(running, tmp_path):
+    """No `> query` line to point at: the error is at the auth_module line."""
+    text = conf_text(running).replace("dbname=postgres", "dbname=postgres options='-c search_path=nowhere'")
+    result, path = check_config(tmp_path, text)
+    assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.match(rf"{re.escape(str(path))}:2: .*{error}", lines[0]), result.stderr
+    assert len(lines) == 1 and re.match(rf"{re.escape(str(path))}:2: .*\"users\" does not exist", lines[0]), lines
 
 
 def test_an_unreachable_database_at_start_up_is_logged_not_fatal(tmp_path):
@@ -339,6 +376,32 @@ def test_pools_are_opened_in_each_serving_process_not_before_fork(running, tmp_p
             return pools() == {f"mpop3 auth {pid}" for pid in children}
 
         wait_for(both, seconds=15, interval=0.05)
+
+
+def test_the_first_lookup_of_a_process_opens_no_pool(running):
+    """A process of one session looks up once: that lookup connects, asks
+    and closes (no pool, no pool threads, no connection left for the
+    process's exit to cut); the second lookup of a process opens its pool.
+    A database down at the first lookup is [SYS/TEMP] there too."""
+    from mpop3.errors import StorageTempError
+
+    named = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+    ours = f"mpop3 auth {os.getpid()}"
+    tables, _ = load(running, connect_timeout="1")
+    wait_for(lambda: running.sql(named, (ours,)) == [(0,)], seconds=5)  # earlier tests' pools are closed
+    threads = threading.active_count()
+    assert tables.auth.auth_attempt_login("plain", "plain-pw") == "plain"
+    assert threading.active_count() == threads
+    wait_for(lambda: running.sql(named, (ours,)) == [(0,)], seconds=5)
+    assert tables.auth.auth_attempt_login("sha512", "sha512-pw") == "sha512"
+    assert running.sql(named, (ours,))[0][0] >= 1  # the pool's (it may have grown to two at once)
+    assert threading.active_count() > threads
+    running.stop()
+    tables, _ = load(running, connect_timeout="1")
+    with pytest.raises(StorageTempError):
+        tables.auth.auth_attempt_login("plain", "plain-pw")
+    running.start()
+    assert tables.auth.auth_attempt_login("plain", "plain-pw") == "plain"
 
 
 @pytest.mark.slow
