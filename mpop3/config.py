@@ -97,6 +97,17 @@ def text_value(text):
     return text
 
 
+def login_account(text):
+    """login_user: an account name, or `none`. Whether it exists is judged
+    at start-up (models.py): a configuration naming it is valid on a
+    machine that has not made it yet."""
+    if text == "none":
+        return None
+    if not text or any(c in text for c in ":/\0\n") or text[0] == "-":
+        raise ValueError(f"{text!r} is not an account name")
+    return text
+
+
 def unprivileged_user(text):
     """A system user that exists and is not root (safe_user, mail_owner)."""
     from .server.privs import check_safe_user
@@ -183,7 +194,7 @@ DIRECTIVES = {
         Directive("safe_user", unprivileged_user, "nobody"),
         Directive("mail_group", group_name, "mail"),
         Directive("mail_owner", unprivileged_user, None),
-        Directive("login_user", unprivileged_user, None),
+        Directive("login_user", login_account, "mpop3login"),
         Directive("mail_process_idle", seconds, 30.0, reloadable=True),
     ]
 }

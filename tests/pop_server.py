@@ -35,7 +35,10 @@ from mpop3.storage_functions import StorageFunctions
 TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Fast settings for tests: small delays, so a failed login costs milliseconds.
-FAST = {"login_fail_delay": "0.01", "login_fail_delay_max": "0.04", "shutdown_grace": "0.5"}
+# quick delays; and a process per session where the rules switch after
+# login, whatever accounts this machine has (tests of processes by role
+# name their login_user)
+FAST = {"login_fail_delay": "0.01", "login_fail_delay_max": "0.04", "shutdown_grace": "0.5", "login_user": "none"}
 
 
 def wait_for(condition, seconds=10, interval=0.02, what=None):

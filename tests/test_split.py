@@ -11,11 +11,12 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 
 import pytest
 from mbox_helpers import mbox
-from pop_server import Wire, free_port, wait_for
+from pop_server import TREE, Wire, free_port, wait_for, write_site
 from system_users import system_user
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -350,3 +351,26 @@ def test_sighup_replaces_the_login_processes_gracefully(spawn, login_user, certi
     time.sleep(1.5)
     assert role_pids(server)[0] == [new]  # kept
     Wire(server.port).login("walt", "pw")
+
+
+def test_a_login_user_not_made_yet_keeps_a_process_per_session_and_says_so(spawn):
+    server = split_site(spawn, login_user="mpop3t-nobody-made-this")
+    w = Wire(server.port)
+    w.login("vera", "pw")
+    assert w.cmd("STAT").startswith(b"+OK 2 ")
+    assert not role_pids(server)[0]  # no login process
+    server.stop()
+    assert "login_user mpop3t-nobody-made-this does not exist" in server.log()
+
+
+def test_login_user_must_be_an_account_of_its_own(tmp_path):
+    conf = write_site(tmp_path, {"vera": "pw"}, {"vera": SPOOL}, {"login_user": "nobody"})
+    result = subprocess.run(
+        [sys.executable, "-m", "mpop3", "-c", conf, "-l", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=TREE,
+    )
+    assert result.returncode == 1
+    assert "login_user nobody must be an account of its own" in result.stderr

@@ -19,6 +19,7 @@ count the logins (its own, or those of the parent that sees them all).
 import asyncio
 import logging
 import os
+import pwd
 import signal
 
 from . import privs
@@ -59,7 +60,12 @@ def run(conf, tables, stdin_mode=False, debug=False):
     except OSError as e:
         log.error("cannot listen: %s", e.strerror or e)
         return 1
-    if per_session and conf.values["login_user"]:
+    try:
+        by_role = per_session and split_by_role(conf)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
+    if by_role:
         return Split(conf, tables, socket_sets[0], plan, debug=debug).run()
     if per_session:
 
@@ -76,6 +82,32 @@ def run(conf, tables, stdin_mode=False, debug=False):
 
         return Prefork(conf, socket_sets, serve_worker).run()
     return serve_shared(conf, tables, socket_sets[0])
+
+
+def split_by_role(conf):
+    """Whether rules 1 and 2 get processes by role (split.py): login_user
+    names an account of its own. An account that does not exist yet keeps
+    a process per session, which stays root until the login: said at
+    every start."""
+    values = conf.values
+    name = values["login_user"]
+    if name is None:
+        return False
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        log.warning(
+            "login_user %s does not exist: each session runs in a process of its own that is root until its "
+            "login; make the account (useradd --system --no-create-home --shell /usr/sbin/nologin %s) "
+            "for processes by role, or say `login_user none`",
+            name,
+            name,
+        )
+        return False
+    taken = {values["safe_user"], values["mail_owner"]}
+    if account.pw_uid == 0 or name in taken:
+        raise ValueError(f"login_user {name} must be an account of its own: not root, safe_user or mail_owner")
+    return True
 
 
 def recover(tables):
