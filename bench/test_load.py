@@ -147,7 +147,8 @@ def site(tmp_path_factory):
     # process per session, switching users after login (rule 1)
     per_session, per_session_port = start_mpop3(
         root,
-        f"auth_module auth_file\n> passwd_file {root}/passwd\nstorage_module storage_mbox\n> storage_dir {spool}\n",
+        f"auth_module auth_file\n> passwd_file {root}/passwd\nstorage_module storage_mbox\n> storage_dir {spool}\n"
+        "login_user none\n",
     )
     # the same with processes by role (login_user): login processes, an auth
     # process, mail processes (the virtual users here share one: reuse)
@@ -401,13 +402,13 @@ def test_tls_cost(site, capsys):
         assert tls["messages"] > 0
 
 
-def idle_pss(site, target):
+def idle_pss(site, target, sessions=IDLE_SESSIONS, userfmt="user%d"):
     proc, port = site[target]
     measure(site, target, "login", 4, "user%d")  # warm up allocators and caches
     time.sleep(0.5)
     before = pss_kib(proc.pid)
     hold = subprocess.Popen(
-        [LOADGEN, "idle", str(port), str(IDLE_SESSIONS), "0", "user%d", "pw"],
+        [LOADGEN, "idle", str(port), str(sessions), "0", userfmt, "pw"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -419,7 +420,7 @@ def idle_pss(site, target):
     hold.stdin.close()
     hold.wait(30)
     time.sleep(0.5)
-    return (after - before) / IDLE_SESSIONS
+    return (after - before) / sessions
 
 
 def test_memory_per_idle_session(site, capsys):
