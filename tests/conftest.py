@@ -139,4 +139,3 @@ def process_model(request):
         request.getfixturevalue("login_user")
         return {"login_user": LOGIN_USER, "processes": "1"}
     return {}
-

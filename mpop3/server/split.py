@@ -441,4 +441,3 @@ class LoginProcess:
         self.slot = slot
         self.channel = channel  # its reports: delays, LOGIN-DELAY (supervisor.ChildReports)
         self.handoff = handoff  # its logged-in sessions
-
