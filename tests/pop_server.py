@@ -161,6 +161,24 @@ class MemoryStorage(StorageFunctions):
         self.locked.discard(handle[0])
 
 
+class EmptyStorage(StorageFunctions):
+    """Empty mailboxes; remembers which were opened."""
+
+    def __init__(self):
+        super().__init__()
+        self.opened = []
+
+    def storage_lock_mailbox(self, mailbox):
+        self.opened.append(mailbox)
+        return mailbox
+
+    def storage_message_count(self, handle):
+        return 0
+
+    def storage_message_sizes(self, handle):
+        return []
+
+
 def memory_tables(users, boxes, mailboxes=None):
     return loader.Tables(MemoryAuth(users, mailboxes), MemoryStorage(boxes), [])
 

@@ -11,12 +11,11 @@ import re
 
 import pytest
 from conftest import run_mpop3
-from pop_server import FAST, TREE, Spawned, Wire, served_as_safe_user
+from pop_server import FAST, TREE, EmptyStorage, Spawned, Wire, served_as_safe_user
 from system_users import system_user
 from test_auth_file import NO_FAIL_DELAY, failures_cost_alike
 
 from mpop3 import config, loader
-from mpop3.storage_functions import StorageFunctions
 
 pytestmark = [
     pytest.mark.root,
@@ -59,29 +58,13 @@ def pam_service(text):
         os.unlink(path)
 
 
-class Storage(StorageFunctions):
-    def __init__(self):
-        super().__init__()
-        self.opened = []
-
-    def storage_lock_mailbox(self, mailbox):
-        self.opened.append(mailbox)
-        return mailbox
-
-    def storage_message_count(self, handle):
-        return 0
-
-    def storage_message_sizes(self, handle):
-        return []
-
-
 def conf_text(service):
     return f"module_dir {TREE}/modules\nauth_module auth_pam\n> pam_service {service}\n"
 
 
 def load(service):
     tables = loader.load_modules(config.parse(conf_text(service), "test.conf"))
-    storage = Storage()
+    storage = EmptyStorage()
     return loader.Tables(tables.auth, storage, tables.modules), storage
 
 

@@ -13,13 +13,12 @@ import time
 
 import pytest
 from conftest import run_mpop3
-from pop_server import FAST, TREE, Spawned, Wire, served_as_safe_user, wait_for
+from pop_server import FAST, TREE, EmptyStorage, Spawned, Wire, served_as_safe_user, wait_for
 from postgres_helpers import Cluster, available
 from test_auth_file import CLEARTEXT, EVERY_WAY, NO_FAIL_DELAY, failures_cost_alike, logins
 
 from mpop3 import config, loader
 from mpop3.passwords import crypt
-from mpop3.storage_functions import StorageFunctions
 
 pytestmark = pytest.mark.skipif(not available(), reason="PostgreSQL's server package (initdb, pg_ctl) is missing")
 
@@ -100,24 +99,6 @@ def up(pg):
         return False
 
 
-class Storage(StorageFunctions):
-    """Empty mailboxes; remembers which were opened."""
-
-    def __init__(self):
-        super().__init__()
-        self.opened = []
-
-    def storage_lock_mailbox(self, mailbox):
-        self.opened.append(mailbox)
-        return mailbox
-
-    def storage_message_count(self, handle):
-        return 0
-
-    def storage_message_sizes(self, handle):
-        return []
-
-
 def conf_text(pg, **settings):
     settings = {"connection": pg.connection, **settings}
     lines = [f"module_dir {TREE}/modules", "auth_module auth_postgresql"]
@@ -127,7 +108,7 @@ def conf_text(pg, **settings):
 
 def load(pg, **settings):
     tables = loader.load_modules(config.parse(conf_text(pg, **settings), "test.conf"))
-    storage = Storage()
+    storage = EmptyStorage()
     return loader.Tables(tables.auth, storage, tables.modules), storage
 
 

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 
-from ..protocol._parser import TOO_LONG
 from . import records
 from .service import SERVICE_SIGNALS, Service, new_loop
 
@@ -44,11 +43,9 @@ def serve_logins(conf, tables, listening, channel, handoffs):
 def from_master(handoffs, auth, service):
     """New sockets to a restarted auth process; or the master has gone."""
     try:
-        record, fds = records.receive(handoffs)
+        record, fds = records.take(handoffs)
     except BlockingIOError:
         return
-    except (OSError, records.BadRecord):
-        record, fds = None, []
     if record is None:
         service.loop.remove_reader(handoffs.fileno())
         service.stop()  # no master: nobody to hand sessions to
@@ -100,18 +97,8 @@ class HandOff:
         else:
             ours = None
             given = os.dup(transport.get_extra_info("socket").fileno())
-        record = {
-            "ticket": self.ticket,
-            "peer": handover.peer,
-            "user": handover.user.hex(),
-            "mailbox": handover.mailbox,
-            "secure": handover.secure,
-            "cleartext_ok": handover.cleartext_ok,
-            "failures": handover.failures,
-            "lines": [None if line is TOO_LONG else line.hex() for line in lines],
-        }
         try:
-            records.send(self.handoffs, record, [given])
+            records.send(self.handoffs, records.session(handover, lines, ticket=self.ticket), [given])
         except OSError as e:
             log.error("%s: cannot hand the session over: %s", connection.peer, e.strerror or e)
             if ours is not None:

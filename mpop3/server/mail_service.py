@@ -14,25 +14,11 @@ import logging
 import signal
 import socket
 
-from ..protocol.core import Handover
 from . import records
 from .connection import Connection
 from .service import SERVICE_SIGNALS, Service
 
 log = logging.getLogger("mpop3.server")
-
-
-def session_record(handover, lines):
-    """What the master sends a mail process for one session."""
-    return {
-        "peer": handover.peer,
-        "user": handover.user.hex(),
-        "mailbox": handover.mailbox,
-        "secure": handover.secure,
-        "cleartext_ok": handover.cleartext_ok,
-        "failures": handover.failures,
-        "lines": [None if line is None else line.hex() for line in lines],
-    }
 
 
 def serve_mail(conf, tables, loop, master, channel):
@@ -53,11 +39,9 @@ def serve_mail(conf, tables, loop, master, channel):
 
     def from_master():
         try:
-            record, fds = records.receive(master)
+            record, fds = records.take(master)
         except BlockingIOError:
             return
-        except (OSError, records.BadRecord):
-            record, fds = None, []
         if record is None:  # let go: no more sessions will come
             loop.remove_reader(master.fileno())
             state["open"] = False
@@ -69,15 +53,7 @@ def serve_mail(conf, tables, loop, master, channel):
             return
         client = socket.socket(fileno=fds[0])
         client.setblocking(False)
-        handover = Handover(
-            record["peer"],
-            bytes.fromhex(record["user"]),
-            record["mailbox"],
-            record["secure"],
-            record["cleartext_ok"],
-            record["failures"],
-        )
-        lines = [None if line is None else bytes.fromhex(line) for line in record["lines"]]
+        handover, lines = records.session_from(record)  # the master checked it
         connection = Connection(service, resumed=(handover, lines))
         loop.create_task(service.connect_socket(connection, client, None))
 

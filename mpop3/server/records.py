@@ -56,6 +56,59 @@ def receive(sock):
     return record, received
 
 
+def take(sock):
+    """receive() for a reader of a non-blocking socket that ends on
+    garbage: (record, fds), or (None, []) at the end or on anything
+    malformed. BlockingIOError if nothing is there yet."""
+    try:
+        return receive(sock)
+    except BlockingIOError:
+        raise
+    except (OSError, BadRecord):
+        return None, []
+
+
+MOST_LINES = 64  # pipelined lines a session may bring along
+
+
+def session(handover, lines, **more):
+    """The record of a logged-in session on its way to a mail process
+    (a core.Handover, and the lines its client had already sent)."""
+    return {
+        "peer": handover.peer,
+        "user": handover.user.hex(),
+        "mailbox": handover.mailbox,
+        "secure": handover.secure,
+        "cleartext_ok": handover.cleartext_ok,
+        "failures": handover.failures,
+        "lines": [None if line is None else line.hex() for line in lines],
+        **more,
+    }
+
+
+def session_from(record):
+    """(core.Handover, lines) from a session(); BadRecord if it is not one."""
+    from ..protocol.core import Handover
+
+    lines = record.get("lines")
+    if not isinstance(lines, list) or len(lines) > MOST_LINES:
+        raise BadRecord("bad lines")
+    try:
+        lines = [None if line is None else bytes.fromhex(line) for line in lines]
+        user = bytes.fromhex(text(record, "user", 2048))
+    except (TypeError, ValueError):
+        raise BadRecord("bad hex") from None
+    handover = Handover(
+        text(record, "peer", 64),
+        user,
+        text(record, "mailbox", 255),
+        flag(record, "secure"),
+        flag(record, "cleartext_ok"),
+        number(record, "failures", 1000),
+    )
+    return handover, lines
+
+
 def close_all(fds):
     for fd in fds:
         try:

@@ -31,18 +31,15 @@ import tempfile
 import time
 
 from ..protocol import replies
-from ..protocol.core import Handover
 from . import privs, records, tls
 from .auth_service import AuthServer
 from .limits import Admission
-from .mail_service import session_record
 from .per_session import prepare_for_forks, refuse
 from .supervisor import HANDLED, ChildReports, Supervisor
 
 log = logging.getLogger("mpop3.server")
 
 RESTART_DELAY = 1.0  # a login or auth process that died is started again after this
-MOST_LINES = 64  # pipelined lines a hand-off may carry
 
 
 class Split(Supervisor):
@@ -193,22 +190,7 @@ class Split(Supervisor):
         redeemed = self.redeem(ticket)
         if redeemed.get("mailbox") != mailbox or redeemed.get("user") != user:
             raise records.BadRecord(f"ticket not good for mailbox {mailbox!r}")
-        lines = record.get("lines")
-        if not isinstance(lines, list) or len(lines) > MOST_LINES:
-            raise records.BadRecord("bad lines")
-        try:
-            lines = [None if line is None else bytes.fromhex(line) for line in lines]
-        except (TypeError, ValueError):
-            raise records.BadRecord("bad lines") from None
-        handover = Handover(
-            records.text(record, "peer", 64),
-            bytes.fromhex(user),
-            mailbox,
-            records.flag(record, "secure"),
-            records.flag(record, "cleartext_ok"),
-            records.number(record, "failures", 1000),
-        )
-        return handover, lines
+        return records.session_from(record)
 
     def redeem(self, ticket):
         control = self.auth[1]
@@ -239,7 +221,7 @@ class Split(Supervisor):
         try:
             if mail is None:
                 mail = self.mail[who.uid] = self.start_mail_process(who)
-            records.send(mail.sock, session_record(handover, lines), [client.fileno()])
+            records.send(mail.sock, records.session(handover, lines), [client.fileno()])
         except OSError as e:
             log.error("%s: refused, cannot start or reach a mail process: %s", address, e.strerror or e)
             self.admission.release(address)
@@ -279,11 +261,9 @@ class Split(Supervisor):
 
     def mail_said(self, mail):
         try:
-            record, fds = records.receive(mail.sock)
+            record, fds = records.take(mail.sock)
         except BlockingIOError:
             return
-        except (OSError, records.BadRecord):
-            record, fds = None, []
         records.close_all(fds)
         if record is None:
             self.let_go(mail)
