@@ -17,7 +17,10 @@ import time
 import pytest
 from mbox_helpers import mbox
 from pop_server import TREE, Wire, free_port, wait_for, write_site
+from process_limits import process_limit
 from system_users import system_user
+
+from mpop3.protocol import replies
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -45,7 +48,12 @@ def status(pid):
 
 
 def role(pid):
-    command = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    """ "login", "other", or "gone" (it ended while we looked)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
     return "login" if command[1:3] == [b"-m", b"mpop3.server.login_process"] else "other"
 
 
@@ -137,10 +145,17 @@ def split_site(spawn, **extra):
 def role_pids(server):
     """The login processes, and the other children: the auth process is
     the oldest of those (started first, and again only if it dies)."""
-    pids = children(server.proc.pid)
-    logins = [p for p in pids if role(p) == "login"]
-    others = sorted((p for p in pids if p not in logins), key=lambda p: os.stat(f"/proc/{p}").st_mtime_ns)
-    return logins, others
+    roles = {pid: role(pid) for pid in children(server.proc.pid)}
+    logins = [p for p, r in roles.items() if r == "login"]
+    others = [p for p, r in roles.items() if r == "other"]
+    return logins, sorted(others, key=started)
+
+
+def started(pid):
+    try:
+        return os.stat(f"/proc/{pid}").st_mtime_ns
+    except FileNotFoundError:
+        return 0
 
 
 def test_kill_9_of_a_login_process_ends_only_its_sessions(spawn, login_user):
@@ -374,3 +389,41 @@ def test_login_user_must_be_an_account_of_its_own(tmp_path):
     )
     assert result.returncode == 1
     assert "login_user nobody must be an account of its own" in result.stderr
+
+
+def test_a_refused_fork_is_an_err_and_the_master_goes_on(spawn, login_user):
+    server = split_site(spawn)
+    (login,), _ = wait_for(lambda: len((r := role_pids(server))[0]) == 1 and r, seconds=10)
+    wait_for(lambda: status(login)["Uid"].split()[0] != "0", seconds=10)
+    with process_limit(server.proc.pid, 1) as set_limit:  # the master alone: it cannot fork
+        w = Wire(server.port)
+        w.cmd("USER vera")
+        assert w.cmd("PASS pw") == replies.ERR_NO_SESSION_PROCESS.wire[:-2]
+        assert w.closed()
+        set_limit(100)
+        Wire(server.port).login("vera", "pw")
+
+
+MESSAGES = [b"Subject: %d\n\n" % n + b"x" * 99 + b"\n" * 1000 for n in range(200)]
+
+
+@pytest.mark.parametrize("after", [0.0, 0.01, 0.03, 0.1])
+def test_a_mail_process_killed_mid_quit_leaves_the_spool_old_or_new(spawn, login_user, tmp_path, after):
+    """kill -9 of the mail process at some instant of a QUIT that deletes
+    message 1 of a 2 MB spool: the next login finds the old spool or the
+    new one, byte for byte (the engine's guarantee, through this path)."""
+    old = mbox(*(m * 100 for m in MESSAGES[:20]))
+    new = mbox(*(m * 100 for m in MESSAGES[1:20]))
+    server = split_site(spawn)
+    spool = tmp_path / "spool" / "vera"
+    spool.write_bytes(old)
+    w = Wire(server.port)
+    w.login("vera", "pw")
+    _, (auth, mail) = wait_for(lambda: len((r := role_pids(server))[1]) == 2 and r, seconds=10)
+    w.cmd("DELE 1")
+    w.send(b"QUIT\r\n")
+    time.sleep(after)
+    os.kill(mail, 9)
+    w = Wire(server.port)
+    w.login("vera", "pw")  # repairs a half-done commit first
+    assert spool.read_bytes() in (old, new)

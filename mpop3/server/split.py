@@ -21,6 +21,7 @@ the one the credentials were for, whatever the login process says.
 import json
 import logging
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -217,11 +218,8 @@ class Split(Supervisor):
         if refusal is not None:
             refuse(client, refusal)
             return
-        mail = self.mail.get(who.uid)
         try:
-            if mail is None:
-                mail = self.mail[who.uid] = self.start_mail_process(who)
-            records.send(mail.sock, records.session(handover, lines), [client.fileno()])
+            mail = self.send_to_mail_process(who, records.session(handover, lines), client)
         except OSError as e:
             log.error("%s: refused, cannot start or reach a mail process: %s", address, e.strerror or e)
             self.admission.release(address)
@@ -230,6 +228,32 @@ class Split(Supervisor):
         client.close()
         mail.sessions.append(address)
         mail.idle_since = None
+
+    def send_to_mail_process(self, who, record, client):
+        """Send the session to `who`'s mail process, started if there is
+        none, or if the one there has just died (its end of the socket is
+        closed before we are told it ended): that process."""
+        try:
+            return self.send_to(self.mail_process_for(who), record, client)
+        except OSError:  # it died between our look and our send
+            return self.send_to(self.mail_process_for(who), record, client)
+
+    def mail_process_for(self, who):
+        mail = self.mail.get(who.uid)
+        while mail is not None and select.select([mail.sock], [], [], 0)[0]:
+            self.mail_said(mail)  # news first: an end, maybe
+            mail = self.mail.get(who.uid)
+        if mail is None:
+            mail = self.mail[who.uid] = self.start_mail_process(who)
+        return mail
+
+    def send_to(self, mail, record, client):
+        try:
+            records.send(mail.sock, record, [client.fileno()])
+        except OSError:
+            self.let_go(mail)
+            raise
+        return mail
 
     def start_mail_process(self, who):
         ours, theirs = records.pair()
