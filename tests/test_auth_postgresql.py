@@ -14,13 +14,14 @@ import time
 import pytest
 from conftest import run_mpop3
 from pop_server import FAST, TREE, EmptyStorage, Spawned, Wire, served_as_safe_user, wait_for
-from postgres_helpers import Cluster, available
+from postgres_helpers import Cluster
 from test_auth_file import CLEARTEXT, EVERY_WAY, NO_FAIL_DELAY, failures_cost_alike, logins
 
 from mpop3 import config, loader
 from mpop3.passwords import crypt
 
-pytestmark = pytest.mark.skipif(not available(), reason="PostgreSQL's server package (initdb, pg_ctl) is missing")
+# a throwaway cluster (initdb, pg_ctl, as an unprivileged user: .ci/run installs the server)
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 SHA512 = crypt(b"sha512-pw", b"$6$saltsalt$").decode()
 SHA256 = crypt(b"sha256-pw", b"$5$saltsalt$").decode()

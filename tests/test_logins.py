@@ -25,7 +25,7 @@ from mpop3.passwords import crypt
 from mpop3.protocol import replies
 from mpop3.server.limits import address_group
 
-pytestmark = pytest.mark.usefixtures("loop_kind")
+pytestmark = [pytest.mark.usefixtures("loop_kind"), pytest.mark.slow]  # timing: seconds of delays
 
 USERS = {"bob": "secret", "alice": "wonderland"}
 DELAYS = {"login_fail_delay": "0.3", "login_fail_delay_max": "1.2"}

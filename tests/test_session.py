@@ -364,6 +364,7 @@ def test_twenty_thousand_pipelined_commands_are_all_answered_in_order(server):
     assert w.line().startswith(b"+OK 3 ")
 
 
+@pytest.mark.slow
 def test_a_pipelining_flood_does_not_hold_up_other_sessions(server):
     """One client sends NOOPs as fast as it can and reads the answers;
     another client's login and STAT are still answered at once."""
@@ -455,6 +456,7 @@ def timed_failure(port, password, user="bob"):
     return took
 
 
+@pytest.mark.slow
 def test_failed_logins_are_delayed_more_per_address_but_not_for_a_repeat(tables):
     with ServerThread(tables, {"login_fail_delay": "0.1", "login_fail_delay_max": "0.4"}) as s:
         first = timed_failure(s.port, "guess1")
@@ -609,6 +611,7 @@ def test_storage_failure_while_sending_ends_the_session_uncommitted(server, tabl
     assert tables.storage.locked == set()
 
 
+@pytest.mark.slow
 def test_retr_streams_with_back_pressure(tables):
     """A client that stops reading costs the server bounded memory: the
     storage is asked for more chunks only as the client takes them."""
@@ -645,6 +648,7 @@ def test_sessions_use_tcp_nodelay(server):
     w.cmd("QUIT")
 
 
+@pytest.mark.slow
 def test_a_client_that_pipelines_and_never_reads_costs_bounded_memory(tables):
     tables.storage.boxes["bob"] = [b"Subject: %d\n\nx\n" % i for i in range(2000)]  # LIST: ~20 KB
     with ServerThread(tables) as s:

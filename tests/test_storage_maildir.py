@@ -197,6 +197,7 @@ def test_poplib_byte_exact_sizes_uidl_top_in_delivery_order(site):
     p.quit()
 
 
+@pytest.mark.clients
 def test_procmail_and_getmail_deliver_fetchmail_keeps_by_uidl(site, tmp_path):
     md = site.maildir("u1")
     rc = tmp_path / "procmailrc"
@@ -340,7 +341,7 @@ def test_symlinked_cur_is_refused(site, tmp_path):
     assert err_on_login(site, "u8").startswith(b"-ERR [SYS/PERM]")
 
 
-@pytest.mark.skipif(not ROOT, reason="needs root to make a Maildir another user owns")
+@pytest.mark.root  # a Maildir another user owns
 def test_maildir_of_another_user_is_refused(site):
     md = site.maildir("u10", MESSAGES[:1])
     os.chown(md, 0, 0)
@@ -534,7 +535,7 @@ def test_kill_9_at_every_step_of_quit(tmp_path):
         mod.storage_unlock_mailbox(box)
 
 
-@pytest.mark.skipif(not shutil.which("strace"), reason="strace is not installed")
+@pytest.mark.slow  # strace (.ci/run installs it)
 def test_warm_open_needs_no_open_or_stat_per_message(tmp_path):
     location = f"{tmp_path}/%u/Maildir"
 
@@ -612,6 +613,7 @@ def lda_conf(tmp_path):
     return conf
 
 
+@pytest.mark.clients
 def test_dovecot_lda_delivers_mpop3_serves_byte_exact(site, tmp_path):
     md = site.maildir("u13")
     conf = lda_conf(tmp_path)
@@ -626,6 +628,7 @@ def test_dovecot_lda_delivers_mpop3_serves_byte_exact(site, tmp_path):
     assert sizes[4] == len(got[4]) - 2 and not MESSAGES[4].endswith(b"\n")
 
 
+@pytest.mark.clients
 def test_uidls_and_messages_equal_what_dovecot_answers(tmp_path):
     """The same Maildir served by Dovecot 2.3, then by mpop3 (uidl_format
     dovecot), then by Dovecot again: the same UIDLs, sizes and bytes each
@@ -663,14 +666,17 @@ def bob(site, tmp_path):
     return types.SimpleNamespace(root=tmp_path, home=tmp_path / "home", port=site.port)
 
 
+@pytest.mark.clients
 def test_curl_on_a_maildir(bob):
     clients.test_curl(bob)
 
 
+@pytest.mark.clients
 def test_getmail6_on_a_maildir(bob):
     clients.test_getmail_keep_then_nothing_new(bob)
 
 
+@pytest.mark.clients
 def test_mpop_on_a_maildir(bob):
     clients.test_mpop_keep_then_nothing_new(bob)
     clients.test_mpop_delete(bob)
@@ -679,7 +685,7 @@ def test_mpop_on_a_maildir(bob):
 # --- a system user's ~/Maildir, opened as that user ------------------------------------------
 
 
-@pytest.mark.skipif(not ROOT, reason="needs root to make a system user (CI runs as root)")
+@pytest.mark.root  # a system user
 def test_system_user_home_maildir_opened_as_its_user(tmp_path):
     from system_users import run as run_command
     from system_users import system_user
