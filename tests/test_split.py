@@ -427,3 +427,27 @@ def test_a_mail_process_killed_mid_quit_leaves_the_spool_old_or_new(spawn, login
     w = Wire(server.port)
     w.login("vera", "pw")  # repairs a half-done commit first
     assert spool.read_bytes() in (old, new)
+
+
+def test_the_auth_and_a_login_process_killed_together_both_come_back(spawn, login_user):
+    """A login process restarted while the auth process is down waits for
+    it (its sockets come from the auth process) instead of failing the master."""
+    server = split_site(spawn)
+    (login,), (auth,) = wait_for(lambda: len((r := role_pids(server))[0]) == 1 and len(r[1]) == 1 and r, seconds=10)
+    os.kill(login, 9)
+    time.sleep(0.2)  # its restart comes due first, while the auth process is down
+    os.kill(auth, 9)
+    w = wait_for(lambda: logged_in_or_none(server.port), seconds=15)
+    assert w.cmd("STAT").startswith(b"+OK 2 ")
+    assert server.proc.poll() is None  # the master never fell
+
+
+def logged_in_or_none(port):
+    try:
+        w = Wire(port)
+        w.cmd("USER vera")
+        if w.cmd("PASS pw").startswith(b"+OK"):
+            return w
+    except (OSError, EOFError):
+        pass
+    return None

@@ -18,6 +18,7 @@ process's ticket; the master redeems the ticket, so the mailbox served is
 the one the credentials were for, whatever the login process says.
 """
 
+import errno
 import json
 import logging
 import os
@@ -102,6 +103,8 @@ class Split(Supervisor):
     def auth_sockets(self):
         """A socket pair per worker thread of a login process: the login
         ends, returned; the others, served by the auth process from now on."""
+        if self.auth is None:
+            raise OSError(errno.EAGAIN, "the auth process is being restarted")
         count = self.conf.values["worker_threads"]
         pairs = [records.pair() for _ in range(count)]
         try:
@@ -194,6 +197,8 @@ class Split(Supervisor):
         return records.session_from(record)
 
     def redeem(self, ticket):
+        if self.auth is None:  # being restarted: its tickets died with it
+            return {}
         control = self.auth[1]
         control.settimeout(5)
         try:
@@ -274,7 +279,8 @@ class Split(Supervisor):
 
         for listening in self.sockets:
             listening.close()
-        self.auth[1].close()
+        if self.auth is not None:
+            self.auth[1].close()
         if not privs.switch_or_log(who):
             return 1
         loop = new_loop()
