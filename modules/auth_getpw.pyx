@@ -3,9 +3,9 @@
 Like the C module it replaces only auth_attempt_login and auth_timestamp
 (None: there are no plaintext passwords, so no APOP). Reading the shadow
 file needs root, hence auth_need_root(). Refused: names no account can
-have (checked before any name service is asked, see valid_name), unknown
-users, accounts below min_uid (system accounts), locked or disabled
-passwords ("!", "*", empty), expired accounts, and an empty password
+have (checked before any name service is asked: plausible_account_name
+in mpop3.passwords), unknown users, accounts below min_uid (system
+accounts), locked or disabled passwords ("!", "*", empty), expired accounts, and an empty password
 (even where the account's hash is a hash of it). A login answers with the
 account's own name as the name service spells it, so that with a service
 that ignores case (sssd, LDAP) ALICE and alice are one mailbox.
@@ -23,12 +23,11 @@ import logging
 import os
 import threading
 import time
-import unicodedata
 
 from libc.stdlib cimport free, malloc
 
 from mpop3.errors import ModuleInitError
-from mpop3.passwords import HashCosts, cost_class, crypt, gensalt
+from mpop3.passwords import HashCosts, cost_class, crypt, gensalt, plausible_account_name
 
 MPOP3_MODULE_CLASS = "auth"
 MPOP3_SETTINGS = {
@@ -66,7 +65,6 @@ log = logging.getLogger("mpop3.auth")
 # The longest name looked up, in bytes: the system's own limit for login
 # names (LOGIN_NAME_MAX, 256 with the NUL). Long enough for the names of
 # directories (alice@corp.example.org, DOMAIN\alice).
-MAX_NAME = 255
 SHADOW = "/etc/shadow"  # rescanned for hash cost classes when it changes
 
 cdef long min_uid = 1000
@@ -88,28 +86,6 @@ def module_init(settings):
         # no local account may log in (they all come from a directory, say):
         # the system's preferred method, until accounts show theirs
         costs = HashCosts([crypt(b"mpop3 dummy", gensalt())])
-
-
-def valid_name(user):
-    """Whether `user` can be an account's name, decided before any name
-    service sees it: a name service is code we do not control (a directory
-    across the network, a module that may log or build a path from the
-    name), so it gets only names that could be real. Refused: the empty
-    name, "." and "..", any "/" (names become mailbox, marker and spool
-    file names), control characters (C0, DEL, C1: no account has them, and
-    they forge log lines), bytes that are not UTF-8 (names from directories
-    are UTF-8; the client's invalid bytes arrive here as surrogates), and
-    more than MAX_NAME bytes. Anything else may be a name somewhere (spaces,
-    "@", "\\", letters of any script), so it is asked about."""
-    if user in ("", ".", ".."):
-        return False
-    try:
-        encoded = user.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    if len(encoded) > MAX_NAME or "/" in user:
-        return False
-    return not any(unicodedata.category(c) == "Cc" for c in user)
 
 
 def account_hash(user):
@@ -214,7 +190,7 @@ def rescan_if_changed():
 def auth_attempt_login(user, password):
     rescan_if_changed()
     given = password.encode("utf-8", "surrogateescape")
-    account = account_hash(user) if valid_name(user) else None
+    account = account_hash(user) if plausible_account_name(user) else None
     if account is None or not usable(account) or not given:  # an empty password never logs in
         costs.check(given)
         return None

@@ -35,13 +35,12 @@ import logging
 import os
 import threading
 import time
-import unicodedata
 
 from libc.stdlib cimport calloc, free
 from libc.string cimport strdup
 
 from mpop3.errors import ModuleInitError
-from mpop3.passwords import HashCosts, crypt, gensalt
+from mpop3.passwords import HashCosts, crypt, gensalt, plausible_account_name
 
 MPOP3_MODULE_CLASS = "auth"
 MPOP3_SETTINGS = {
@@ -174,7 +173,7 @@ ROOTLESS = {
     "pam_permit.so", "pam_deny.so", "pam_warn.so", "pam_succeed_if.so", "pam_env.so", "pam_echo.so",
     "pam_faildelay.so", "pam_nologin.so", "pam_localuser.so", "pam_cap.so",
 }
-MAX_NAME = 255
+
 
 class WrongPasswordCost:
     """What the stack takes to refuse a known user's wrong password (a
@@ -282,25 +281,11 @@ def module_init(settings):
     costs = HashCosts([crypt(b"mpop3 dummy", gensalt())])
 
 
-def valid_name(user):
-    """Names PAM is asked about: not empty, UTF-8, no control characters,
-    at most MAX_NAME bytes (as auth_getpw)."""
-    if not user or user in (".", ".."):
-        return False
-    try:
-        encoded = user.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    if len(encoded) > MAX_NAME or "/" in user:
-        return False
-    return not any(unicodedata.category(c) == "Cc" for c in user)
-
-
 def auth_attempt_login(user, password):
     """USER/PASS (and AUTH PLAIN, LOGIN). Runs in a worker thread; the
     stack runs without the GIL."""
     given = password.encode("utf-8", "surrogateescape")
-    if not valid_name(user) or not given or b"\0" in given:
+    if not plausible_account_name(user) or not given or b"\0" in given:
         costs.check(given)
         return None
     cdef bytes name = user.encode("utf-8")

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import time
 
+from pop_server import free_port
+
 LDA = "/usr/lib/dovecot/dovecot-lda"
 
 CONF = """\
@@ -50,12 +52,6 @@ service pop3-login {{
 service anvil {{
 {chroot}}}
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_conf(root, maildirs, owner, port=0):

@@ -451,3 +451,19 @@ def logged_in_or_none(port):
     except (OSError, EOFError):
         pass
     return None
+
+
+def test_more_pipelined_commands_than_a_hand_off_carries_get_an_err(spawn, login_user):
+    """A hand-off carries the commands sent ahead of the login's answer, up
+    to a bound: past it the client is told, never left hanging."""
+    server = split_site(spawn)
+    w = Wire(server.port)
+    w.cmd("USER vera")
+    w.send(b"PASS pw\r\n" + b"NOOP\r\n" * 200)
+    assert w.line() == replies.ERR_TEMP.wire[:-2]
+    assert w.closed()
+    few = Wire(server.port)
+    few.cmd("USER vera")
+    few.send(b"PASS pw\r\nSTAT\r\nNOOP\r\n")
+    assert few.line().startswith(b"+OK maildrop")
+    assert few.line().startswith(b"+OK 2 ")

@@ -1,14 +1,18 @@
 """Password checking for auth modules: crypt(3) through libcrypt (_crypt),
-what a stored hash is (hash_problem, cost_class), and HashCosts, the check
+what a stored hash is (hash_problem, cost_class), HashCosts, the check
 auth_file and auth_getpw share, which makes every login cost the same
-whoever the user is.
+whoever the user is, and which names may be asked about at all
+(plausible_account_name).
 """
 
 import hmac
+import unicodedata
 
 from ._crypt import crypt, gensalt
 
-__all__ = ["crypt", "gensalt", "hash_problem", "cost_class", "HashCosts"]
+__all__ = ["crypt", "gensalt", "hash_problem", "cost_class", "HashCosts", "plausible_account_name"]
+
+MAX_NAME = 255  # bytes of an account name, at most
 
 # What the dummy hashes are hashes of (a dummy is only ever hashed against,
 # and what that gives is thrown away), and what hash_problem tries. Neither
@@ -129,3 +133,25 @@ class HashCosts:
             if dummy is not None:  # threads may race here: the last one's copy wins, all are right
                 self.dummies = {**self.dummies, own: dummy}
         return matched
+
+
+def plausible_account_name(user):
+    """Whether `user` can be a system account's name (auth_getpw,
+    auth_pam), decided before any name service or PAM stack sees it: that
+    is code we do not control (a directory across the network, a module
+    that may log or build a path from the name), so it gets only names that
+    could be real. Refused: the empty name, "." and "..", any "/" (names
+    become mailbox, marker and spool file names), control characters (C0,
+    DEL, C1: no account has them, and they forge log lines), bytes that are
+    not UTF-8 (names from directories are UTF-8; the client's invalid bytes
+    arrive here as surrogates), and more than MAX_NAME bytes. Anything else may be a name somewhere (spaces,
+    "@", "\\", letters of any script), so it is asked about."""
+    if user in ("", ".", ".."):
+        return False
+    try:
+        encoded = user.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    if len(encoded) > MAX_NAME or "/" in user:
+        return False
+    return not any(unicodedata.category(c) == "Cc" for c in user)

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 
+from ..protocol import replies
 from . import records
 from .service import SERVICE_SIGNALS, Service, new_loop
 
@@ -23,7 +24,7 @@ def serve_logins(conf, tables, listening, channel, handoffs):
     service = None
 
     def hand_off(connection, ticket):
-        HandOff(service, handoffs, connection, ticket).go()
+        hand_over(service, handoffs, connection, ticket)
 
     service = Service(conf, tables, loop, limits=(channel.throttle, channel.clock), hand_off=hand_off)
     loop.add_reader(handoffs.fileno(), from_master, handoffs, tables.auth, service)
@@ -74,43 +75,39 @@ def retire(service):
     check()
 
 
-class HandOff:
-    """One logged-in session on its way to the master."""
-
-    def __init__(self, service, handoffs, connection, ticket):
-        self.service = service
-        self.handoffs = handoffs
-        self.connection = connection
-        self.ticket = ticket
-
-    def go(self):
-        connection = self.connection
-        handover = connection.core.handover()
-        lines = list(connection.pending or ())
-        while connection.reader.backlog:
-            lines.extend(connection.reader.more())
-        transport = connection.transport
-        secure = transport.get_extra_info("ssl_object") is not None
-        if secure:
-            ours, theirs = socket.socketpair()
-            given = theirs.detach()
-        else:
-            ours = None
-            given = os.dup(transport.get_extra_info("socket").fileno())
-        try:
-            records.send(self.handoffs, records.session(handover, lines, ticket=self.ticket), [given])
-        except OSError as e:
-            log.error("%s: cannot hand the session over: %s", connection.peer, e.strerror or e)
-            if ours is not None:
-                ours.close()
-            connection.close(None)
-            return
-        finally:
-            os.close(given)
-        if ours is None:
-            connection.leave()  # the mail process has the socket now
-        else:
-            Relay.start(self.service.loop, connection, ours)
+def hand_over(service, handoffs, connection, ticket):
+    """A logged-in session on its way to the master: with the client's
+    socket (cleartext), or one end of a socket pair this process then
+    relays the TLS session to; and the lines the client already sent."""
+    handover = connection.core.handover()
+    lines = list(connection.pending or ())
+    while connection.reader.backlog and len(lines) <= records.MOST_LINES:
+        lines.extend(connection.reader.more(records.MOST_LINES))
+    if len(lines) > records.MOST_LINES:  # more than a client pipelines after PASS
+        log.warning("%s: more than %d commands sent ahead of the login's answer; closing", connection.peer, len(lines))
+        connection.close(replies.ERR_TEMP)
+        return
+    transport = connection.transport
+    if transport.get_extra_info("ssl_object") is not None:
+        ours, theirs = socket.socketpair()
+        given = theirs.detach()
+    else:
+        ours = None
+        given = os.dup(transport.get_extra_info("socket").fileno())
+    try:
+        records.send(handoffs, records.session(handover, lines, ticket=ticket), [given])
+    except (OSError, ValueError) as e:  # ValueError: too long a record
+        log.error("%s: cannot hand the session over: %s", connection.peer, getattr(e, "strerror", None) or e)
+        if ours is not None:
+            ours.close()
+        connection.close(replies.ERR_TEMP)
+        return
+    finally:
+        os.close(given)
+    if ours is None:
+        connection.leave()  # the mail process has the socket now
+    else:
+        Relay.start(service.loop, connection, ours)
 
 
 class Relay:
