@@ -48,19 +48,19 @@ def status(pid):
 
 
 def role(pid):
-    """ "login", "other", or "gone" (it ended while we looked)."""
+    """What the process calls itself: "login", "auth", "mail", or "gone"
+    (it ended while we looked)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = f.read().split(b"\0")
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip().removeprefix("mpop3-")
     except (FileNotFoundError, ProcessLookupError):
         return "gone"
-    return "login" if command[1:3] == [b"-m", b"mpop3.server.login_process"] else "other"
 
 
 def test_each_role_has_its_identity(spawn, login_user):
     server = spawn({"vera": "pw"}, {"vera": SPOOL}, {"login_user": LOGIN_USER, "processes": "2"})
     pids = wait_for(
-        lambda: len(p := children(server.proc.pid)) == 3 and sorted(map(role, p)) == ["login", "login", "other"] and p,
+        lambda: len(p := children(server.proc.pid)) == 3 and sorted(map(role, p)) == ["auth", "login", "login"] and p,
         seconds=10,
     )
     logins = [p for p in pids if role(p) == "login"]
@@ -72,7 +72,7 @@ def test_each_role_has_its_identity(spawn, login_user):
         assert s["Groups"].strip() == ""
         assert int(s["CapEff"], 16) == 0 and int(s["CapPrm"], 16) == 0
         assert os.readlink(f"/proc/{pid}/root") != "/"
-    (auth,) = [p for p in pids if role(p) != "login"]  # auth_file needs no root: safe_user
+    (auth,) = [p for p in pids if role(p) == "auth"]  # auth_file needs no root: safe_user
     assert status(auth)["Uid"].split() == [str(pwd.getpwnam("nobody").pw_uid)] * 4
 
 
@@ -143,19 +143,37 @@ def split_site(spawn, **extra):
 
 
 def role_pids(server):
-    """The login processes, and the other children: the auth process is
-    the oldest of those (started first, and again only if it dies)."""
+    """The login processes, and the others: the auth process first, then
+    the mail processes, oldest first."""
     roles = {pid: role(pid) for pid in children(server.proc.pid)}
     logins = [p for p, r in roles.items() if r == "login"]
-    others = [p for p, r in roles.items() if r == "other"]
-    return logins, sorted(others, key=started)
+    auth = [p for p, r in roles.items() if r == "auth"]
+    mail = [p for p, r in roles.items() if r == "mail"]
+    return logins, auth + sorted(mail, key=started)
 
 
 def started(pid):
+    """When the process started, in clock ticks since boot (its pid may
+    have wrapped around)."""
+    return int(stat_fields(pid)[19] or 0)
+
+
+def stat_fields(pid):
+    """/proc/PID/stat from its third field (state) on; empty strings if
+    the process is gone."""
     try:
-        return os.stat(f"/proc/{pid}").st_mtime_ns
-    except FileNotFoundError:
-        return 0
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return [""] * 50
+
+
+def kill_9(pid):
+    """kill -9, and wait until it is dead: its descriptors closed (a zombie
+    or gone). Until then a session sent to it is lost with it, as with any
+    process that dies holding one."""
+    os.kill(pid, 9)
+    wait_for(lambda: stat_fields(pid)[0] in ("Z", ""), seconds=10)
 
 
 def test_kill_9_of_a_login_process_ends_only_its_sessions(spawn, login_user):
@@ -226,7 +244,7 @@ def test_a_mail_process_per_uid_reused_and_killed_alone(spawn, login_user, tmp_p
         _, others = wait_for(lambda: len((r := role_pids(server))[1]) == 3 and r, seconds=10)
         assert status(others[2])["Uid"].split() == [str(carl.pw_uid)] * 4  # carl's own
         first.cmd("DELE 1")
-        os.kill(mail, 9)
+        kill_9(mail)
         assert first.closed() and second.closed()
         assert third.cmd("STAT").startswith(b"+OK 2 ")  # another uid's process goes on
         assert (spool / "vera").read_bytes() == SPOOL  # nothing committed
@@ -423,7 +441,7 @@ def test_a_mail_process_killed_mid_quit_leaves_the_spool_old_or_new(spawn, login
     w.cmd("DELE 1")
     w.send(b"QUIT\r\n")
     time.sleep(after)
-    os.kill(mail, 9)
+    kill_9(mail)
     w = Wire(server.port)
     w.login("vera", "pw")  # repairs a half-done commit first
     assert spool.read_bytes() in (old, new)

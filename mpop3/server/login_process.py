@@ -28,12 +28,13 @@ from ..storage_functions import StorageFunctions
 from . import tls
 from .auth_service import AuthClient
 from .limits import LoginDelayClock, LoginThrottle
-from .supervisor import Channel
+from .supervisor import Channel, name_process
 
 log = logging.getLogger("mpop3.server")
 
 
 def main(setup_fd):
+    name_process("login")
     with os.fdopen(setup_fd, "rb") as f:
         setup = json.loads(f.read())
     conf = config.load(setup["config"])
