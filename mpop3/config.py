@@ -141,6 +141,17 @@ def path(text):
     return text
 
 
+def optional_path(text):
+    """A path, or `none`: off."""
+    return None if text == "none" else text
+
+
+def yes_no(text):
+    if text not in ("yes", "no"):
+        raise ValueError(f"{text!r} is not yes or no")
+    return text == "yes"
+
+
 @dataclass(frozen=True)
 class Directive:
     name: str
@@ -196,11 +207,27 @@ DIRECTIVES = {
         Directive("mail_owner", unprivileged_user, None),
         Directive("login_user", login_account, "mpop3login"),
         Directive("mail_process_idle", seconds, 30.0, reloadable=True),
+        # running it (docs/operations.md): metrics, who/kick, DNS-SD
+        Directive("metrics_listen", listen_address, None),
+        Directive("control_socket", optional_path, "/run/mpop3/control"),
+        Directive("control_group", group_name, None),
+        Directive("dnssd", yes_no, False),
     ]
 }
 RELOADABLE = tuple(name for name, d in DIRECTIVES.items() if d.reloadable)
 # changed in the file, these are only noted at a reload: they need a restart
-RESTART_NEEDED = ("listen_tls", "worker_threads", "processes", "login_queue", "ipv6_prefix", "login_user")
+RESTART_NEEDED = (
+    "listen_tls",
+    "worker_threads",
+    "processes",
+    "login_queue",
+    "ipv6_prefix",
+    "login_user",
+    "metrics_listen",
+    "control_socket",
+    "control_group",
+    "dnssd",
+)
 
 MODULE_DIRECTIVES = {"auth_module": "auth", "storage_module": "storage"}
 

@@ -22,7 +22,7 @@ import os
 import pwd
 import signal
 
-from . import privs
+from . import dnssd, privs
 from .file_throttle import FileLoginThrottle
 from .limits import FileLoginClock
 from .per_session import SessionProcesses
@@ -65,6 +65,12 @@ def run(conf, tables, stdin_mode=False, debug=False):
     except ValueError as e:
         log.error("%s", e)
         return 1
+    with dnssd.advertised(conf):
+        return serve_bound(conf, tables, plan, socket_sets, per_session, by_role, before_open, debug)
+
+
+def serve_bound(conf, tables, plan, socket_sets, per_session, by_role, before_open, debug):
+    """Run the chosen model on the bound sockets until it stops."""
     if by_role:
         return Split(conf, tables, socket_sets[0], plan, debug=debug).run()
     if per_session:
@@ -75,7 +81,7 @@ def run(conf, tables, stdin_mode=False, debug=False):
         return SessionProcesses(conf, socket_sets[0], serve_session).run()
     if plan is not None and not privs.switch_or_log(privs.safe_identity(conf)):
         return 1
-    if processes > 1:
+    if len(socket_sets) > 1:
 
         def serve_worker(conf, sockets, tally, channel):
             return serve_shared(conf, tables, sockets, tally, channel)
