@@ -7,12 +7,21 @@ from . import __version__, config, loader, log, paths
 from .errors import ConfigError
 from .server import tls
 
-USAGE = "mpop3 [-c CONFIG] [-s] [-l ADDR:PORT]... [-d] [--check-config] [--version] [--help]"
+USAGE = """mpop3 [-c CONFIG] [-s] [-l ADDR:PORT]... [-d] [--check-config] [--version] [--help]
+       mpop3 [-c CONFIG] who
+       mpop3 [-c CONFIG] kick USER|ADDRESS"""
+EPILOG = """commands, to the running server through its control_socket (root or control_group):
+  who                 list the sessions open now: user, client address, TLS, since, state, process
+  kick USER|ADDRESS   end every session of that user, or from that address, committing nothing"""
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
-        prog="mpop3", usage=USAGE, description="mpop3, a modular POP3 server. Runs in the foreground."
+        prog="mpop3",
+        usage=USAGE,
+        description="mpop3, a modular POP3 server. Runs in the foreground.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "-c",
@@ -43,7 +52,11 @@ def parse_args(argv):
         help="print the path of module.mk, the Makefile fragment for building modules",
     )
     p.add_argument("--version", action="version", version=f"mpop3 {__version__}")
-    return p.parse_args(argv)
+    p.add_argument("command", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.command and not (args.command == ["who"] or (len(args.command) == 2 and args.command[0] == "kick")):
+        p.error("unknown command: " + " ".join(args.command) + " (who, kick USER|ADDRESS)")
+    return args
 
 
 def main(argv=None):
@@ -51,6 +64,8 @@ def main(argv=None):
     if args.module_mk:
         print(paths.MODULE_MK)
         return 0
+    if args.command:
+        return control(args)
     try:
         conf = config.load(args.config)
         if args.listen:
@@ -68,6 +83,28 @@ def main(argv=None):
     from .server import models
 
     return models.run(conf, tables, stdin_mode=args.stdin, debug=args.debug)
+
+
+def control(args):
+    """`who` or `kick`: ask the running server; its answer on stdout."""
+    from .server.operations import ask
+
+    try:
+        conf = config.load(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    path = conf.values["control_socket"]
+    if path is None:
+        print(f"mpop3: {conf.path} says control_socket none: no running server to ask", file=sys.stderr)
+        return 2
+    try:
+        answer = ask(path, " ".join(args.command))
+    except OSError as e:
+        print(f"mpop3: cannot reach the running server at {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(answer)
+    return 1 if answer.startswith("-ERR") else 0
 
 
 def tls_context(conf):

@@ -38,7 +38,13 @@ TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # quick delays; and a process per session where the rules switch after
 # login, whatever accounts this machine has (tests of processes by role
 # name their login_user)
-FAST = {"login_fail_delay": "0.01", "login_fail_delay_max": "0.04", "shutdown_grace": "0.5", "login_user": "none"}
+FAST = {
+    "login_fail_delay": "0.01",
+    "login_fail_delay_max": "0.04",
+    "shutdown_grace": "0.5",
+    "login_user": "none",
+    "control_socket": "none",  # tests that use one name their own: servers run side by side
+}
 
 
 def wait_for(condition, seconds=10, interval=0.02, what=None):

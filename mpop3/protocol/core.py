@@ -164,6 +164,8 @@ class SessionCore:
         "sasl",
         "pending_uidl",
         "sending",
+        "ended_by",
+        "deles",
     )
 
     def __init__(self, policy, peer, *, secure=False, cleartext_ok=False, tls_available=False, timestamp=None):
@@ -188,6 +190,8 @@ class SessionCore:
         self.too_long = False  # an over-long line was seen already
         self.failures = 0  # failed logins
         self.sasl = None  # the AUTH exchange in progress
+        self.ended_by = None  # why the core ended the session (the logout line)
+        self.deles = 0  # DELE commands that marked a message
 
     def greeting(self):
         text = replies.GREETING
@@ -204,7 +208,7 @@ class SessionCore:
         if line is TOO_LONG:
             if self.too_long:  # the second one: this is no confused client
                 log.warning("%s: over-long command lines, closing", self.peer)
-                return self.end(replies.ERR_TOO_LONG_BYE)
+                return self.end(replies.ERR_TOO_LONG_BYE, "bad commands")
             self.too_long = True
             return self.bad_command(replies.ERR_TOO_LONG)
         cmd, arg1, arg2 = parse_command(line)
@@ -226,12 +230,13 @@ class SessionCore:
         self.bad += 1
         if self.bad >= self.policy.max_bad_commands:
             log.warning("%s: too many bad commands, closing", self.peer)
-            return self.end(replies.ERR_TOO_MANY_BAD)
+            return self.end(replies.ERR_TOO_MANY_BAD, "bad commands")
         return [reply.wire]
 
-    def end(self, reply):
+    def end(self, reply, why="error"):
         """A last reply, then close; commits nothing."""
         self.state = CLOSED
+        self.ended_by = why
         return [reply.wire, CLOSE]
 
     # --- AUTHORIZATION ------------------------------------------------------------
@@ -300,7 +305,7 @@ class SessionCore:
         self.busy = False
         self.failures += 1
         if self.failures >= self.policy.max_login_failures:
-            return self.end(replies.ERR_TOO_MANY_FAILURES)
+            return self.end(replies.ERR_TOO_MANY_FAILURES, "failed logins")
         return [replies.ERR_AUTH.wire]
 
     def last_chance(self):
@@ -455,6 +460,7 @@ class SessionCore:
         if type(index) is not int:
             return [index.wire]
         self.deleted.add(index)
+        self.deles += 1
         return [replies.OK_DELETED.wire]
 
     def cmd_noop(self, _, __):
@@ -473,7 +479,7 @@ class SessionCore:
 
     def cmd_quit(self, _, __):
         if self.state is AUTHORIZATION:
-            return self.end(replies.OK_BYE)
+            return self.end(replies.OK_BYE, "quit")
         # Commit even if the client has gone meanwhile: Outlook closes right
         # after sending QUIT, without reading the answer.
         self.state = UPDATE
@@ -483,6 +489,7 @@ class SessionCore:
     def committed(self, error=None):
         self.busy = False
         self.state = CLOSED
+        self.ended_by = "quit" if error is None else "error"
         if error is None:
             return [replies.ok_bye_update(len(self.deleted), len(self.sizes) - len(self.deleted)), CLOSE]
         return [replies.error_reply(error).wire, CLOSE]

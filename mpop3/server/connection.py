@@ -11,8 +11,11 @@ so a slow client costs bounded memory. It switches to TLS, and ends the
 session on an idle timeout or at shutdown (the Service's sweep and drain).
 
 A session that ends any other way than QUIT in TRANSACTION (a dropped
-connection, a timeout, shutdown, a storage failure) releases the mailbox
-without committing anything.
+connection, a timeout, shutdown, a storage failure, a kick) releases the
+mailbox without committing anything. Its end is one log line (the logout
+line): who, how it ended, what was retrieved and deleted. Along the way it
+keeps its slot of the process's scoreboard and the metrics (metrics.py)
+up to date.
 """
 
 import logging
@@ -27,6 +30,7 @@ from ..protocol.core import (
     CLOSE,
     LOAD_UIDS,
     START_TLS,
+    TRANSACTION,
     UPDATE,
     CheckLogin,
     Commit,
@@ -35,7 +39,7 @@ from ..protocol.core import (
     SessionCore,
     Signal,
 )
-from . import jobs, tls
+from . import jobs, metrics, tls
 from .jobs import decode
 
 log = logging.getLogger("mpop3.session")
@@ -59,6 +63,9 @@ CHUNKS_PER_TURN = 8
 # session's memory); 256 KiB rather than the default 64 KiB keeps fast
 # clients streaming instead of stopping and starting.
 WRITE_BUFFER_HIGH = 256 * 1024
+# the scoreboard's and the sessions gauge's word for each state
+STATE_INDEX = {AUTHORIZATION: 0, TRANSACTION: 1, UPDATE: 2}
+LOGGED_OUT = "logged out"  # `ending` once the logout line is written, or is not ours to write
 
 
 class Connection:
@@ -89,6 +96,17 @@ class Connection:
         "admitted",
         "started",
         "resumed",
+        "cells",
+        "slot",
+        "gauge",
+        "ending",
+        "login_started",
+        "commit_started",
+        "retrieved",
+        "retrieved_bytes",
+        "tops",
+        "top_bytes",
+        "sending_top",
     )
 
     def __init__(self, service, admitted=None, started=None, resumed=None):
@@ -120,6 +138,14 @@ class Connection:
         self.attempt = None  # the login being checked (logins.Attempt)
         self.started = started  # loop.time() of the accept: login_timeout counts from it
         self.resumed = resumed
+        self.cells = service.scoreboard.cells  # this process's metrics (metrics.py)
+        self.slot = None  # our session's slot in the scoreboard, if one was free
+        self.gauge = None  # the sessions-gauge cell that counts us now
+        self.ending = None  # why we closed it: the logout line's reason, if not the core's
+        self.login_started = None  # loop.time() of the login command being answered
+        self.commit_started = None
+        self.retrieved = self.retrieved_bytes = self.tops = self.top_bytes = 0  # the logout line's
+        self.sending_top = False
 
     # --- connection events ---------------------------------------------------
 
@@ -136,6 +162,7 @@ class Connection:
         refusal = service.admit(self)
         if refusal is not None:
             self.closed = True
+            self.ending = "refused"
             transport.write(refusal.wire)
             transport.close()
             return
@@ -147,6 +174,7 @@ class Connection:
         if self.resumed is not None:
             self.resume(*self.resumed)
             return
+        self.cells[metrics.SESSIONS_TOTAL] += 1
         secure = transport.get_extra_info("ssl_object") is not None  # implicit TLS (RFC 8314)
         timestamp = service.tables.auth.auth_timestamp()
         self.core = SessionCore(
@@ -160,7 +188,10 @@ class Connection:
         )
         if secure:
             self.log_tls(transport)
-        transport.write(self.core.greeting())
+        self.show()
+        greeting = self.core.greeting()
+        self.cells[metrics.SENT_BYTES] += len(greeting)
+        transport.write(greeting)
 
     def resume(self, handover, lines):
         """A session another process logged in (a mail process of the split
@@ -168,6 +199,7 @@ class Connection:
         lines the client had already sent are served."""
         self.core = SessionCore.resume(self.service.policy, handover)
         self.pending = deque(lines)
+        self.show()
         self.open_mailbox(OpenMailbox(handover.mailbox))
 
     def data_received(self, data):
@@ -203,7 +235,10 @@ class Connection:
         self.stream = None
         self.pending = None
         if self.core is not None:
+            if self.core.state is not UPDATE:  # else committed() writes it
+                self.log_out()
             self.core.closed()
+        self.hide()
         if self.counted:
             self.counted = False
             self.service.forget(self)
@@ -279,7 +314,9 @@ class Connection:
     def flush(self):
         out = self.out
         if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.cells[metrics.SENT_BYTES] += len(data)
+            self.transport.write(data)
             out.clear()
 
     def close(self, reply=None):
@@ -293,7 +330,10 @@ class Connection:
             self.out.append(reply.wire)
         self.flush()
         self.closed = True
+        if self.core.state is not UPDATE:  # else committed() writes it
+            self.log_out()
         self.core.closed()
+        self.hide()
         self.withdraw_login()
         self.stream = None
         self.transport.close()
@@ -303,6 +343,7 @@ class Connection:
         process: let go of it without a word (our copy of the socket only)."""
         self.closed = True
         self.core.closed()
+        self.hide()
         self.transport.abort()  # connection_lost forgets us
 
     def detach(self):
@@ -311,7 +352,73 @@ class Connection:
         the relay ends."""
         self.closed = True
         self.core.closed()
+        self.hide()
         self.service.connections.discard(self)
+
+    def kick(self):
+        """`mpop3 kick`: end the session now, committing nothing (a commit
+        already under way finishes)."""
+        if self.closed or self.core.state is UPDATE:
+            return
+        log.info("%s: session ended by the administrator", self.peer)
+        self.cells[metrics.KICKED] += 1
+        self.ending = "kicked"
+        self.close(replies.ERR_KICKED)
+
+    # --- the scoreboard and the logout line ------------------------------------------
+
+    def show(self):
+        """Our slot and the sessions gauge follow the core's state."""
+        core, cells = self.core, self.cells
+        index = STATE_INDEX.get(core.state)
+        if index is None:
+            return
+        if self.gauge is not None:
+            cells[self.gauge] -= 1
+        self.gauge = metrics.session_cell(index, core.secure)
+        cells[self.gauge] += 1
+        board = self.service.scoreboard
+        user = core.login_user or b"" if core.mailbox is not None else b""
+        if self.slot is None:
+            self.slot = board.claim(self.peer.encode("ascii", "replace"), index, core.secure, user)
+        else:
+            board.update(self.slot, index, core.secure, user)
+
+    def hide(self):
+        """The session ends here: off the scoreboard, its counts in."""
+        if self.gauge is not None:
+            self.cells[self.gauge] -= 1
+            self.gauge = None
+            self.cells[metrics.DELE] += self.core.deles
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            self.service.scoreboard.release(slot)
+
+    def log_out(self, committed=False):
+        """The logout line: one per session, whoever ended it and how."""
+        core = self.core
+        if core is None or self.ending is LOGGED_OUT or not log.isEnabledFor(logging.INFO):
+            return
+        how = self.ending or core.ended_by or "disconnect"
+        self.ending = LOGGED_OUT
+        if core.sizes is None:  # never logged in
+            log.info("%s: disconnected before login (%s)", self.peer, how)
+            return
+        deleted = len(core.deleted) if committed else 0
+        marked = "" if committed or not core.deleted else f" ({len(core.deleted)} marked, not committed)"
+        log.info(
+            "%s: %s logged out (%s): retrieved %d (%d bytes), top %d (%d bytes), deleted %d%s, left %d",
+            self.peer,
+            decode(core.login_user) if core.login_user else core.mailbox,
+            how,
+            self.retrieved,
+            self.retrieved_bytes,
+            self.tops,
+            self.top_bytes,
+            deleted,
+            marked,
+            len(core.sizes) - deleted,
+        )
 
     def relay_ended(self):
         if self.counted:
@@ -342,6 +449,7 @@ class Connection:
             return
         if self.core.state is AUTHORIZATION and now - self.started >= login_timeout:
             log.info("%s: not logged in after %.1f s, closing", self.peer, now - self.started)
+            self.ending = "timeout"
             self.close(replies.ERR_LOGIN_TIMEOUT)
             return
         if self.core.busy and self.stream is None:
@@ -349,12 +457,14 @@ class Connection:
         idle = now - self.last_active
         if idle >= timeout:
             log.info("%s: idle for %.1f s, closing", self.peer, idle)
+            self.ending = "timeout"
             self.close(replies.ERR_IDLE)
 
     def shut_down(self):
         """Server shutdown after the grace period: close, commit nothing."""
         if self.core.state is UPDATE:
             return  # committing right now: let it finish
+        self.ending = "shutdown"
         self.close(replies.ERR_SHUTTING_DOWN)
 
     # --- logging in -------------------------------------------------------------
@@ -365,6 +475,7 @@ class Connection:
         OpenMailbox, opens the mailbox too."""
         service = self.service
         group = service.logins.group(self.peer)
+        self.login_started = self.loop.time()
         self.attempt = service.logins.submit(
             group,
             action.user,
@@ -399,15 +510,29 @@ class Connection:
             self.loop.call_later(delay, self.login_failed)
         elif isinstance(exc, LoginsBusy):
             log.warning("%s: refused a login: too many logins waiting to be checked", self.peer)
+            self.login_answered(metrics.LOGIN_REFUSED)
             self.answer(self.core.login_refused(exc))
         else:
-            self.login_refused(exc, action.user)
+            self.login_refused(exc, action.user, metrics.AUTH_ERRORS)
 
     def login_failed(self):
         if not self.closed:
+            self.login_answered(metrics.LOGIN_BAD)
             self.answer(self.core.login_failed())
 
-    def login_refused(self, exc, user):
+    def login_answered(self, outcome):
+        self.cells[outcome] += 1
+        if self.login_started is not None:
+            metrics.observe(self.cells, metrics.LOGIN_TIME, self.loop.time() - self.login_started)
+            self.login_started = None
+
+    def login_refused(self, exc, user, module_errors):
+        if isinstance(exc, LoginDelay):
+            self.login_answered(metrics.LOGIN_REFUSED)
+        else:
+            self.login_answered(metrics.LOGIN_TEMPORARY)
+            if not isinstance(exc, MailboxInUse):
+                self.cells[module_errors] += 1
         if isinstance(exc, BadMailboxName):
             log.error("%s: user %r maps to an unsafe mailbox name %r; refused", self.peer, decode(user), exc.args[0])
         elif isinstance(exc, (StorageError, LoginDelay)):
@@ -426,6 +551,9 @@ class Connection:
     def open_mailbox(self, action):
         opened, self.opened = self.opened, None
         if type(opened) is jobs.HandOff:  # a login process: the mailbox is another process's business
+            if self.login_started is not None:  # the mail process counts the login's outcome
+                metrics.observe(self.cells, metrics.LOGIN_TIME, self.loop.time() - self.login_started)
+            self.ending = LOGGED_OUT  # the mail process writes it
             self.service.hand_off(self, opened.ref)
             return
         if opened is not None and opened.mailbox == action.mailbox:  # the login job did it
@@ -444,12 +572,15 @@ class Connection:
     def mailbox_opened(self, opened):
         if opened.error is not None:
             if not self.closed:
-                self.login_refused(opened.error, self.core.login_user)
+                self.login_refused(opened.error, self.core.login_user, metrics.STORAGE_ERRORS)
             return
         self.handle, sizes = opened.handle, opened.sizes
         if self.closed:
             self.release()
             return
+        self.login_answered(metrics.LOGIN_OK)
+        if opened.seconds is not None:
+            metrics.observe(self.cells, metrics.OPEN_TIME, opened.seconds)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "%s: %s logged in, %d message%s (%d octets)",
@@ -459,7 +590,9 @@ class Connection:
                 "" if len(sizes) == 1 else "s",
                 sum(sizes),
             )
-        self.answer(self.core.mailbox_opened(sizes, opened.uidl))
+        actions = self.core.mailbox_opened(sizes, opened.uidl)
+        self.show()
+        self.answer(actions)
 
     # --- TRANSACTION: what needs the storage module --------------------------
 
@@ -493,9 +626,17 @@ class Connection:
             self.internal_error("RETR" if action.body_lines is None else "TOP")
             return
         self.out.append(action.head)
+        self.sending_top = top = action.body_lines is not None
+        if top:
+            self.cells[metrics.TOP] += 1
+            self.tops += 1
+        else:
+            self.cells[metrics.RETR] += 1
+            self.retrieved += 1
         if first is None:
             self.perform(self.core.message_sent())
             return
+        self.count_message_bytes(len(first))
         self.out.append(first)
         self.flush()
         self.stream = chunks
@@ -515,6 +656,8 @@ class Connection:
                 return
             except StorageError as exc:
                 # the message is half sent: all we can do is hang up
+                self.ending = "error"
+                self.cells[metrics.STORAGE_ERRORS] += 1
                 log.warning(
                     "%s: mailbox %s failed while sending a message: %s",
                     self.peer,
@@ -525,15 +668,26 @@ class Connection:
                 return
             except Exception:
                 log.exception("%s: internal error while sending a message", self.peer)
+                self.ending = "error"
                 self.close()
                 return
+            self.count_message_bytes(len(chunk))
+            self.cells[metrics.SENT_BYTES] += len(chunk)
             transport.write(chunk)
         if not self.pump_scheduled:
             self.pump_scheduled = True
             self.loop.call_soon(self.pump)
 
+    def count_message_bytes(self, count):
+        if self.sending_top:
+            self.top_bytes += count
+        else:
+            self.retrieved_bytes += count
+
     def internal_error(self, command):
         log.exception("%s: internal error in %s", self.peer, command)
+        self.cells[metrics.STORAGE_ERRORS] += 1
+        self.ending = "error"
         self.close(replies.ERR_INTERNAL)
 
     # --- QUIT: UPDATE -----------------------------------------------------------
@@ -543,6 +697,8 @@ class Connection:
         (Outlook closes right after sending QUIT)."""
         handle, self.handle = self.handle, None
         storage = self.service.tables.storage
+        self.show()  # UPDATE
+        self.commit_started = self.loop.time()
         if not action.deleted:
             try:
                 storage.storage_unlock_mailbox(handle)
@@ -554,18 +710,21 @@ class Connection:
         self.service.workers.submit(self.committed, jobs.commit, storage, handle, action.deleted)
 
     def committed(self, _, exc):
-        core = self.core
-        deleted, left = len(core.deleted), len(core.sizes) - len(core.deleted)
+        core, cells = self.core, self.cells
+        metrics.observe(cells, metrics.COMMIT_TIME, self.loop.time() - self.commit_started)
         if exc is None:
-            log.info("%s: %s logged out, %d deleted, %d left", self.peer, core.mailbox, deleted, left)
+            cells[metrics.DELETED] += len(core.deleted)
         else:
+            cells[metrics.STORAGE_ERRORS] += 1
             log.error(
                 "%s: %s: committing %d deletions failed: %s",
                 self.peer,
                 core.mailbox,
-                deleted,
+                len(core.deleted),
                 exc or type(exc).__name__,
             )
+        self.ending = "quit" if exc is None else "error"
+        self.log_out(committed=exc is None)
         if not self.closed:  # else the client went away; the commit happened all the same
             self.perform(core.committed(exc))
 
@@ -593,6 +752,8 @@ class Connection:
             )
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("%s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
+            self.cells[metrics.TLS_FAILED] += 1
+            self.ending = "TLS handshake failed"
             clear.abort()
             self.connection_lost(exc)
             return
@@ -603,7 +764,9 @@ class Connection:
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.log_tls(transport)
         self.last_active = self.loop.time()
-        self.answer(self.core.tls_started())
+        actions = self.core.tls_started()
+        self.show()
+        self.answer(actions)
 
     def log_tls(self, transport):
         log.info("%s: TLS %s", self.peer, tls.describe(transport.get_extra_info("ssl_object")))

@@ -19,6 +19,7 @@ of this process or, where several processes serve, of their parent.
 
 import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 
 from ..errors import BadMailboxName, LoginDelay, LoginFailed, StorageTempError
@@ -83,6 +84,7 @@ class Opened:
     sizes: list = None
     uidl: bool = False
     error: Exception | None = None
+    seconds: float | None = None  # how long opening took
 
 
 def log_in(tables, limits, group, action, before_open=None, checked=None):
@@ -126,6 +128,7 @@ def open_mailbox(storage, limits, mailbox, before_open=None):
     `before_open(mailbox)`, if given, is where a process gives up root."""
     if before_open is not None:
         before_open(mailbox)
+    start = time.monotonic()
     handle = storage.storage_lock_mailbox(mailbox)
     try:
         sizes = list(storage.storage_message_sizes(handle))
@@ -137,7 +140,7 @@ def open_mailbox(storage, limits, mailbox, before_open=None):
         storage.storage_unlock_mailbox(handle)
         raise
     limits.clock.logged_in(mailbox, limits.login_delay)
-    return Opened(mailbox, handle, sizes, uidl)
+    return Opened(mailbox, handle, sizes, uidl, seconds=time.monotonic() - start)
 
 
 def commit(storage, handle, deleted):

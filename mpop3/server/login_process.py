@@ -25,7 +25,7 @@ from .. import config
 from .. import log as logs
 from ..loader import Tables
 from ..storage_functions import StorageFunctions
-from . import tls
+from . import scoreboard, tls
 from .auth_service import AuthClient
 from .limits import LoginDelayClock, LoginThrottle
 from .supervisor import Channel, name_process
@@ -47,6 +47,7 @@ def main(setup_fd):
     auth = AuthClient(setup["auth"], setup["apop"], setup["cram_md5"], setup["login_delay"])
     tables = Tables(auth, StorageFunctions(), [])
     listening = [socket.socket(fileno=fd) for fd in setup["listen"]]
+    scoreboard.own = scoreboard.Segment.attach(setup["scoreboard"])
     prepare_for_the_jail()
     lock_in(setup["root"], setup["user"])
     from .login_service import serve_logins

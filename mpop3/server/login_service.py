@@ -31,6 +31,7 @@ def serve_logins(conf, tables, listening, channel, handoffs):
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, service.stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master replaces login processes instead
+    service.handle_kicks()
     loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, SERVICE_SIGNALS)
     try:
         loop.run_until_complete(service.start_listeners(listening))

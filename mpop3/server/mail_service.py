@@ -61,6 +61,7 @@ def serve_mail(conf, tables, loop, master, channel):
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, service.stop)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
+    service.handle_kicks()
     loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, SERVICE_SIGNALS)
     service.sweep_idle()
     loop.run_until_complete(service.stopped)

@@ -22,9 +22,10 @@ import os
 import pwd
 import signal
 
-from . import dnssd, privs
+from . import dnssd, operations, privs, scoreboard
 from .file_throttle import FileLoginThrottle
 from .limits import FileLoginClock
+from .operations import Operations
 from .per_session import SessionProcesses
 from .prefork import Prefork
 from .service import SERVICE_SIGNALS, Service, bind, new_loop
@@ -62,23 +63,30 @@ def run(conf, tables, stdin_mode=False, debug=False):
         return 1
     try:
         by_role = per_session and split_by_role(conf)
+        ops = Operations.bind(conf)
     except ValueError as e:
         log.error("%s", e)
         return 1
-    with dnssd.advertised(conf):
-        return serve_bound(conf, tables, plan, socket_sets, per_session, by_role, before_open, debug)
+    except OSError as e:
+        log.error("cannot listen for metrics: %s", e.strerror or e)
+        return 1
+    try:
+        with dnssd.advertised(conf):
+            return serve_bound(conf, tables, plan, socket_sets, per_session, by_role, before_open, debug, ops)
+    finally:
+        ops.close()
 
 
-def serve_bound(conf, tables, plan, socket_sets, per_session, by_role, before_open, debug):
+def serve_bound(conf, tables, plan, socket_sets, per_session, by_role, before_open, debug, ops):
     """Run the chosen model on the bound sockets until it stops."""
     if by_role:
-        return Split(conf, tables, socket_sets[0], plan, debug=debug).run()
+        return supervised(Split(conf, tables, socket_sets[0], plan, debug=debug), ops)
     if per_session:
 
         def serve_session(conf, sock, channel):
             return serve_connection(conf, tables, sock, channel, before_open)
 
-        return SessionProcesses(conf, socket_sets[0], serve_session).run()
+        return supervised(SessionProcesses(conf, socket_sets[0], serve_session), ops)
     if plan is not None and not privs.switch_or_log(privs.safe_identity(conf)):
         return 1
     if len(socket_sets) > 1:
@@ -86,8 +94,13 @@ def serve_bound(conf, tables, plan, socket_sets, per_session, by_role, before_op
         def serve_worker(conf, sockets, tally, channel):
             return serve_shared(conf, tables, sockets, tally, channel)
 
-        return Prefork(conf, socket_sets, serve_worker).run()
-    return serve_shared(conf, tables, socket_sets[0])
+        return supervised(Prefork(conf, socket_sets, serve_worker), ops)
+    return serve_shared(conf, tables, socket_sets[0], ops=ops)
+
+
+def supervised(supervisor, ops):
+    supervisor.operations = ops
+    return supervisor.run()
 
 
 def split_by_role(conf):
@@ -124,18 +137,34 @@ def recover(tables):
         log.exception("the storage module failed to recover at start-up; going on")
 
 
-def serve_shared(conf, tables, sockets, tally=None, channel=None):
+def serve_shared(conf, tables, sockets, tally=None, channel=None, ops=None):
     """Many sessions in this process, on listening `sockets`; in a worker
     of several, `tally` counts the sessions of all and `channel` reaches
-    the parent's limits."""
+    the parent's limits. `ops`: this process alone serves, so it answers
+    the control socket and /metrics itself."""
 
     def main(service):
+        if ops is not None:
+            serve_operations(service, ops)
         service.loop.run_until_complete(service.start_listeners(sockets))
         service.loop.run_until_complete(service.stopped)
         log.info("stopped")
 
     limits = (channel.throttle, channel.clock) if channel is not None else None
     return in_service(conf, tables, main, limits=limits, tally=tally)
+
+
+def serve_operations(service, ops):
+    """The control socket and /metrics of a server of one process."""
+    board = scoreboard.Board()
+    board.add(os.getpid(), "server", service.scoreboard)
+    loop = service.loop
+    if ops.control_socket is not None:
+        loop.add_reader(ops.control_socket.fileno(), ops.answer_control, board)
+    if ops.metrics_socket is not None:
+        loop.run_until_complete(
+            operations.serve_metrics(loop, ops.metrics_socket, lambda: operations.render(board, {}))
+        )
 
 
 def serve_connection(conf, tables, sock, channel, before_open):
@@ -188,6 +217,7 @@ def in_service(conf, tables, main, *, workers=None, signals=True, **options):
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, service.stop)
             loop.add_signal_handler(signal.SIGHUP, service.reload)
+            service.handle_kicks()
             # Let held signals in only when the loop runs: between two
             # run_until_complete() calls uvloop has no wakeup fd, and a signal
             # delivered then would be lost (a SIGTERM during start-up ignored).

@@ -70,7 +70,7 @@ class SessionProcesses(Supervisor):
             refuse(conn, refusal)
             return
         try:
-            pid, channel = self.fork(address)
+            pid, channel = self.fork(address, role="session", slots=1)
         except OSError as e:  # EAGAIN (a process limit), ENOMEM, no socket pair
             log.error("%s: refused, cannot start a session process: %s", address, e.strerror)
             self.admission.release(address)

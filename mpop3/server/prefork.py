@@ -80,7 +80,7 @@ class Prefork(Supervisor):
     def start_workers(self):
         for slot in list(self.unstarted):
             try:
-                pid, channel = self.fork()
+                pid, channel = self.fork(role="server", slots=self.conf.values["max_sessions"])
             except OSError as e:  # EAGAIN (a process limit), ENOMEM: later
                 log.error("cannot start a server process: %s; trying again in %g s", e.strerror, RESPAWN_PAUSE)
                 self.next_start = time.monotonic() + RESPAWN_PAUSE

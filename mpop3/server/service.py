@@ -28,7 +28,7 @@ from .. import log as logs
 from ..auth_functions import AuthFunctions
 from ..protocol import replies
 from ..protocol.core import Policy
-from . import jobs, tls
+from . import jobs, metrics, scoreboard, tls
 from .accept import Acceptor, limited
 from .connection import Connection
 from .jobs import Limits
@@ -90,6 +90,9 @@ class Service:
             slots=values["worker_threads"] if hand_off else min(values["worker_threads"], os.cpu_count() or 1),
             queue=values["login_queue"],
         )
+        # this process's part of the scoreboard: its parent's making, or our own
+        self.scoreboard = scoreboard.own or scoreboard.Segment.create(settings.max_sessions)
+        self.cells = self.scoreboard.cells
         self.before_open = before_open
         self.hand_off = hand_off
         self.session_ended = None  # a mail process tells its master (mail_service.py)
@@ -124,9 +127,11 @@ class Service:
         connection the acceptor took was counted then."""
         if connection.admitted is None:
             if self.stopping:
+                self.cells[metrics.REFUSED] += 1
                 return replies.ERR_SHUTTING_DOWN
             refusal = self.admission.admit(connection.peer)
             if refusal is not None:
+                self.cells[metrics.REFUSED] += 1
                 return refusal
         self.connections.add(connection)
         return None
@@ -144,6 +149,7 @@ class Service:
         address = peer[0] if isinstance(peer, (tuple, list)) and peer else tls.NO_PEER
         refusal = replies.ERR_SHUTTING_DOWN if self.stopping else self.admission.admit(address)
         if refusal is not None:
+            self.cells[metrics.REFUSED] += 1
             if context is None:
                 try:
                     conn.send(refusal.wire)
@@ -159,6 +165,8 @@ class Service:
             await self.connect_socket(connection, conn, context)
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
             limited.log(logging.INFO, "handshake", "%s: TLS handshake failed: %s", address, e or type(e).__name__)
+            if context is not None:
+                self.cells[metrics.TLS_FAILED] += 1
             conn.close()
             if not connection.counted:  # it never got to connection_made
                 self.admission.release(address)
@@ -220,6 +228,17 @@ class Service:
         await connect(connection)
         await connection.closed_waiter
         await self.finish_commits()
+
+    def handle_kicks(self):
+        """Let `mpop3 kick` reach our sessions: the process that reads the
+        scoreboard marks their slots, then signals us."""
+        self.loop.add_signal_handler(scoreboard.KICK_SIGNAL, self.kick_marked)
+
+    def kick_marked(self):
+        board = self.scoreboard
+        for connection in list(self.connections):
+            if connection.slot is not None and board.kicked(connection.slot):
+                connection.kick()
 
     # --- stopping and reloading ---------------------------------------------------
 

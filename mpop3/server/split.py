@@ -33,7 +33,7 @@ import tempfile
 import time
 
 from ..protocol import replies
-from . import privs, records, tls
+from . import privs, records, scoreboard, tls
 from .auth_service import AuthServer
 from .limits import Admission
 from .per_session import prepare_for_forks, refuse
@@ -119,6 +119,7 @@ class Split(Supervisor):
         channel, channel_theirs = socket.socketpair()
         handoff, handoff_theirs = records.pair()
         auth = self.auth_sockets()
+        segment = scoreboard.Segment.create(values["max_sessions"], keep_fd=True)
         setup_r, setup_w = os.pipe()
         given = [channel_theirs, handoff_theirs, *auth]
         setup = {
@@ -134,10 +135,11 @@ class Split(Supervisor):
             "login_delay": int(self.tables.auth.auth_default_login_delay() or 0),
             "user": values["login_user"],
             "root": self.jail,
+            "scoreboard": segment.fd,
         }
         with os.fdopen(setup_w, "wb") as f:
             f.write(json.dumps(setup).encode())
-        fds = [setup_r, *(s.fileno() for s in given), *(s.fileno() for s in self.sockets)]
+        fds = [setup_r, segment.fd, *(s.fileno() for s in given), *(s.fileno() for s in self.sockets)]
         # it starts with our signals held, until its loop handles them
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
@@ -146,11 +148,16 @@ class Split(Supervisor):
                 pass_fds=fds,
                 env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)),
             )
+        except OSError:
+            segment.close()
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
             os.close(setup_r)
             for s in given:
                 s.close()
+        segment.close_fd()
+        self.board.add(proc.pid, "login", segment)
         proc.returncode = 0  # reaped by the supervisor, not by Popen
         channel.setblocking(False)
         self.selector.register(channel, selectors.EVENT_READ, ChildReports(self, channel, None).read)
@@ -262,7 +269,7 @@ class Split(Supervisor):
 
     def start_mail_process(self, who):
         ours, theirs = records.pair()
-        pid, channel = self.fork()
+        pid, channel = self.fork(role="mail", slots=self.conf.values["max_sessions"])
         if pid == 0:
             ours.close()
             self.child_main("mail process", lambda: self.be_mail(who, theirs, channel))

@@ -36,10 +36,11 @@ import selectors
 import signal
 import socket
 import threading
+import time
 
 from .. import config
 from .. import log as logs
-from . import tls
+from . import operations, scoreboard, tls
 from .limits import LoginDelayClock, LoginThrottle, address_group
 
 log = logging.getLogger("mpop3.server")
@@ -61,6 +62,10 @@ class Supervisor:
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.wake = None
+        self.board = scoreboard.Board()  # the segments of the children that serve sessions
+        self.operations = None  # operations.Operations: the control socket, /metrics
+        self.metrics_process = None  # (pid, our end of its socket pair, when it started)
+        self.metrics_failures = 0  # times in a row it ended within a second
 
     def run(self):
         """Serve until stopped and every child has ended; the exit code."""
@@ -73,7 +78,8 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         self.selector.register(wake_r, selectors.EVENT_READ, self.signalled)
         self.started()
-        while not (self.stopping and not self.children):
+        self.start_operations()
+        while not (self.stopping and not self.children and self.metrics_process is None):
             for key, _ in self.selector.select(self.timeout()):
                 key.data(key.fileobj)
             self.tick()
@@ -103,11 +109,19 @@ class Supervisor:
 
     # --- children --------------------------------------------------------------
 
-    def fork(self, address=None):
+    def fork(self, address=None, role=None, slots=0):
         """Fork a child with a channel to us: (pid, its Channel) in the
         parent, (0, its Channel) in the child; OSError if the system
-        refuses. `address`: the one client a session process serves."""
-        ours, theirs = socket.socketpair()
+        refuses. `address`: the one client a session process serves.
+        `role`: a child that serves sessions gets a scoreboard segment of
+        `slots` sessions, counted under that role."""
+        segment = scoreboard.Segment.create(slots) if role is not None else None
+        try:
+            ours, theirs = socket.socketpair()
+        except OSError:
+            if segment is not None:
+                segment.close()
+            raise
         # the child starts with our signals held until its loop handles them
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
@@ -116,20 +130,29 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
             ours.close()
             theirs.close()
+            if segment is not None:
+                segment.close()
             raise
         if pid == 0:
             ours.close()
-            self.leave()
+            self.leave(segment)
             return 0, Channel(theirs, self.throttle, self.clock)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        if segment is not None:
+            self.board.add(pid, role, segment)
         theirs.close()
         ours.setblocking(False)
         self.selector.register(ours, selectors.EVENT_READ, ChildReports(self, ours, address).read)
         return pid, None
 
-    def leave(self):
+    def leave(self, segment=None):
         """In a new child: drop everything of the parent's but what it was
         forked with (signals stay held until its own loop handles them)."""
+        scoreboard.own = segment
+        self.board.drop_all(keep=segment)
+        if self.operations is not None:
+            self.operations.close(unlink=False)
+            self.operations = None
         signal.set_wakeup_fd(-1)
         for signum in HANDLED:
             signal.signal(signum, signal.SIG_DFL)
@@ -183,7 +206,10 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            if pid in self.children:
+            self.board.retire(pid)
+            if self.metrics_process is not None and pid == self.metrics_process[0]:
+                self.metrics_ended(status)
+            elif pid in self.children:
                 self.child_ended(pid, status)
 
     def reload(self):
@@ -208,7 +234,92 @@ class Supervisor:
         if not self.stopping:
             self.stopping = True
             self.stop_accepting()
+            self.close_operations()
         self.forward(signal.SIGTERM)
+        if self.metrics_process is not None:
+            os.kill(self.metrics_process[0], signal.SIGTERM)
+
+    # --- running it: the control socket and /metrics (operations.py) -----------------
+
+    def start_operations(self):
+        ops = self.operations
+        if ops is None:
+            return
+        if ops.control_socket is not None:
+            self.selector.register(ops.control_socket, selectors.EVENT_READ, lambda _: ops.answer_control(self.board))
+        if ops.metrics_socket is not None:
+            self.start_metrics_process()
+
+    def close_operations(self):
+        ops, self.operations = self.operations, None
+        if ops is None:
+            return
+        if ops.control_socket is not None:
+            self.selector.unregister(ops.control_socket)
+        ops.close()
+
+    def processes(self):
+        """Processes by role, for /metrics."""
+        counts = {"master": 1, **self.board.roles()}
+        for kind in self.children.values():
+            if type(kind) is tuple and kind and kind[0] == "auth":
+                counts["auth"] = counts.get("auth", 0) + 1
+        if self.metrics_process is not None:
+            counts["metrics"] = 1
+        return counts
+
+    def start_metrics_process(self):
+        ours, theirs = socket.socketpair()
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+            ours.close()
+            theirs.close()
+            log.error("cannot start the metrics process: %s", e.strerror)
+            return
+        if pid == 0:
+            ours.close()
+            listener, self.operations.metrics_socket = self.operations.metrics_socket, None
+            self.leave()
+            self.child_main("metrics process", lambda: self.be_metrics(listener, theirs))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        theirs.close()
+        ours.setblocking(False)
+        self.metrics_process = (pid, ours, time.monotonic())
+        self.selector.register(ours, selectors.EVENT_READ, self.metrics_asked)
+
+    def be_metrics(self, listener, parent):
+        from .prefork import end_with_parent
+        from .privs import safe_identity, switch_or_log
+
+        end_with_parent()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing of it to reload
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        if os.geteuid() == 0 and not switch_or_log(safe_identity(self.conf)):
+            return 1
+        return operations.serve_metrics_process(listener, parent)
+
+    def metrics_asked(self, sock):
+        if not operations.answer_render(sock, self.board, self.processes):
+            self.selector.unregister(sock)
+            sock.close()
+
+    def metrics_ended(self, status):
+        pid, sock, started = self.metrics_process
+        self.metrics_process = None
+        if sock.fileno() >= 0:
+            self.selector.unregister(sock)
+            sock.close()
+        if self.stopping:
+            return
+        self.metrics_failures = self.metrics_failures + 1 if time.monotonic() - started < 1.0 else 0
+        if self.metrics_failures >= 5:  # it cannot start: no crash loop
+            log.error("the metrics process keeps ending at once (status %d); /metrics is not served", status)
+            return
+        log.error("the metrics process %d ended (status %d); starting another", pid, status)
+        self.start_metrics_process()
 
 
 class ChildReports:
