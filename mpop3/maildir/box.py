@@ -25,6 +25,7 @@ from operator import itemgetter
 from ..errors import MailboxInUse, MessageGone, StoragePermError, StorageTempError
 from ..mbox._kernels import DotWriter
 from ..mbox.lock import SessionMarker, kind
+from ..progress import MESSAGES, Progress
 from . import uidlist
 from ._names import SizeCounter, name_info
 from .names import base_of, filename_uidl
@@ -42,6 +43,7 @@ CACHE_MAX = 256 * 1024 * 1024
 # (coarse clocks, filesystems with seconds) could leave both unchanged.
 TRUST_AFTER_NS = 2_000_000_000
 READ_SIZE = 256 * 1024
+PROGRESS_BATCH = 256  # messages a scan handles between two looks at the clock (mpop3.progress)
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 # control characters, and bytes that are not UTF-8 (surrogateescape)
@@ -243,9 +245,15 @@ class Maildir:
         return all(mtime <= limit and ctime <= limit for _, mtime, ctime in stamps)
 
     def scan(self, cached):
+        what = "first scan" if cached is None else "scan"
+        progress = Progress(log, f"mailbox {self.name}: {what}", MESSAGES)
         known = dict(zip(map(base_of, cached.names), cached.sizes, strict=True)) if cached is not None else {}
         found = []
-        for sub, name in self.listing():
+        listed = self.listing()
+        total = len(listed)
+        for i, (sub, name) in enumerate(listed):
+            if i % PROGRESS_BATCH == 0:
+                progress(i, total)
             key, base, size = name_info(name)
             if size < 0:
                 size = known.get(base)
@@ -254,6 +262,7 @@ class Maildir:
                     if size is None:
                         continue  # gone meanwhile
             found.append((key, SUBDIRS.index(sub), name, size))
+        progress(total, total)
         found.sort(key=itemgetter(0))
         self.entries = Entries(bytearray(f[1] for f in found), [f[2] for f in found])
         self.sizes = [f[3] for f in found]

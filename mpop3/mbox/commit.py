@@ -306,19 +306,25 @@ class Journal:
         self.step("spool-fsync")
         os.fdatasync(self.fd)
 
-    def run(self, record):
+    def run(self, record, progress=None):
         """Carry the move through from `record` (a window journaled, maybe
-        partly written) to the end, then truncate and remove the journal."""
+        partly written) to the end, then truncate and remove the journal.
+        `progress(done, total)` (mpop3.progress) hears of each window once
+        it is durable in the spool, and of the end."""
         while True:
             self.apply(record)
             done = record.done + record.length
             if done >= self.plan.length:
                 break
+            if progress is not None:
+                progress(done, self.plan.length)
             self.step("window")
             record = self.journal_window(record.seq + 1, done)
             self.step("journal-fsync")
             os.fdatasync(self.jfd)
         self.finish(self.plan.p0 + self.plan.length)
+        if progress is not None:
+            progress(self.plan.length, self.plan.length)
 
     def finish(self, final_size):
         self.step("spool-truncate")
@@ -369,8 +375,9 @@ def stepper(tick):
     return step
 
 
-def commit(fd, journal_path, p0, pieces, old_size, tick=None, commit_id=None):
-    """Make the spool's bytes from p0 on the concatenation of `pieces`."""
+def commit(fd, journal_path, p0, pieces, old_size, tick=None, commit_id=None, progress=None):
+    """Make the spool's bytes from p0 on the concatenation of `pieces`;
+    `progress(done, total)` hears how many image bytes are in place."""
     length = sum(n for _, n in pieces)
     if length == 0:
         _step("truncate")
@@ -381,7 +388,7 @@ def commit(fd, journal_path, p0, pieces, old_size, tick=None, commit_id=None):
     plan = Plan(fd, p0, pieces, old_size, window, commit_id=commit_id)
     journal, record = begin(fd, journal_path, plan, tick)
     try:
-        journal.run(record)
+        journal.run(record, progress)
     finally:
         os.close(journal.jfd)
 
@@ -503,11 +510,11 @@ REPLAYED = "replayed"
 SET_ASIDE = "set aside"
 
 
-def replay(fd, journal_path, tick=None):
+def replay(fd, journal_path, tick=None, progress=None):
     """Finish a commit a crash interrupted. Returns None if there was
     nothing to do, else (REPLAYED or SET_ASIDE, what happened); raises
     JournalError for a journal that must not be used. Call with the spool
-    locked for writing."""
+    locked for writing. `progress` as for commit()."""
     try:
         os.unlink(journal_path + ".tmp")  # never reached its commit point
     except FileNotFoundError:
@@ -545,9 +552,9 @@ def replay(fd, journal_path, tick=None):
                 # with that mail after it is a new commit.
                 journal.apply(record)
                 done = record.done + record.length
-                _go_on(fd, journal_path, plan, done, size, tick)
+                _go_on(fd, journal_path, plan, done, size, tick, progress)
                 return REPLAYED, "replayed, keeping mail delivered after the crash"
-            journal.run(record)
+            journal.run(record, progress)
             return REPLAYED, "replayed"
         if why is None and plan.finished(fd, size):
             journal.finish(size)  # truncated: mail appended since stays
@@ -577,13 +584,13 @@ def _mismatch(plan, fd):
     return None
 
 
-def _go_on(fd, journal_path, plan, done, size, tick):
+def _go_on(fd, journal_path, plan, done, size, tick, progress):
     """The rest of an interrupted move, with mail appended since at its
     end, as a commit of its own; its journal replaces the old one."""
     pieces = plan.sources(done) + [(plan.old_size, size - plan.old_size)]
     # the same commit id: the spool's mark must match whichever journal a
     # crash leaves, the old one or this
-    commit(fd, journal_path, plan.p0 + done, pieces, size, tick, commit_id=plan.commit_id)
+    commit(fd, journal_path, plan.p0 + done, pieces, size, tick, commit_id=plan.commit_id, progress=progress)
 
 
 def _replay_v1(fd, journal_path, jfd, tick):

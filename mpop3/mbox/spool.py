@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from .. import mail_group
 from ..errors import MailboxInUse, ModuleInitError, StoragePermError, StorageTempError
+from ..progress import Progress
 from . import _kernels, commit
 from .lock import SessionMarker, parse_methods, spool_locks
 
@@ -265,7 +266,8 @@ class Mailbox:
                 log.error("%s: an interrupted commit needs replaying, but the spool is read-only for us", self.name)
                 raise StorageTempError("mailbox being repaired")
             return
-        outcome = commit.replay(self.fd, self.journal_path, held.refresh)
+        progress = Progress(log, f"mailbox {self.name}: replaying an interrupted commit")
+        outcome = commit.replay(self.fd, self.journal_path, held.refresh, progress)
         if outcome is None:
             return
         what, detail = outcome
@@ -324,7 +326,8 @@ class Mailbox:
                 self.check_from_lines(deleted, "commit")
                 size = os.fstat(self.fd).st_size
                 p0, pieces = commit.image_pieces(self.index, deleted, size)
-                commit.commit(self.fd, self.journal_path, p0, pieces, size, held.refresh)
+                progress = Progress(log, f"mailbox {self.name}: commit")
+                commit.commit(self.fd, self.journal_path, p0, pieces, size, held.refresh, progress=progress)
         except OSError as e:
             raise _os_failure(self.name, "committing deletions", e) from None
         log.info("%s: %d message(s) deleted", self.name, len(deleted))
