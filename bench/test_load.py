@@ -143,6 +143,14 @@ def site(tmp_path_factory):
     multi, multi_port = start_mpop3(
         root, f"processes {PROCESSES}\nauth_module auth_file\n> passwd_file {root}/passwd\n" + shared
     )
+    # the single process again, serving /metrics (scraped during the run)
+    metrics_port = free_port()
+    with_metrics, with_metrics_port = start_mpop3(
+        root,
+        f"processes 1\nauth_module auth_file\n> passwd_file {root}/passwd\n"
+        + shared
+        + f"metrics_listen 127.0.0.1:{metrics_port}\n",
+    )
     # each spool opened by its mailbox's user (the default): as root, a
     # process per session, switching users after login (rule 1)
     per_session, per_session_port = start_mpop3(
@@ -195,6 +203,8 @@ def site(tmp_path_factory):
         "mpop3": (server, port),
         "mpop3-tls": (server, tls_port),
         "multi": (multi, multi_port),
+        "metrics": (with_metrics, with_metrics_port),
+        "metrics_port": metrics_port,
         "per-session": (per_session, per_session_port),
         "core": (core, core_port),
         "core-tls": (core, core_tls_port),
@@ -202,7 +212,7 @@ def site(tmp_path_factory):
         "results": [],
         "where": str(root),
     }
-    procs = [server, multi, per_session, core, canned] + [proc for proc, _ in extra.values()]
+    procs = [server, multi, with_metrics, per_session, core, canned] + [proc for proc, _ in extra.values()]
     procs += [split["split"][0]] if split else []
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
@@ -320,6 +330,39 @@ def test_logins_per_second(site, capsys, clients):
     )
     assert ours["sessions"] > 0 and multi["sessions"] > 0 and core["sessions"] > 0
     compare_with_dovecot(site, capsys, "login", clients, "user7%02d", multi_rate, lambda r: r["sessions"], "sessions/s")
+
+
+def test_metrics_cost(site, capsys):
+    """Logins at 32 clients with /metrics served and scraped every second,
+    next to the same server without it, alternated three times."""
+    import threading
+    import urllib.request
+
+    stop = threading.Event()
+
+    def scrape():
+        while not stop.wait(1.0):
+            with urllib.request.urlopen(f"http://127.0.0.1:{site['metrics_port']}/metrics", timeout=5) as answer:
+                answer.read()
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    ratios = []
+    try:
+        for run in range(3):
+            off = measure(site, "mpop3", "login", 32, f"user{run + 1}%02d")
+            on = measure(site, "metrics", "login", 32, f"user{run + 4}%02d")
+            ratios.append((on["sessions"] / on["seconds"]) / (off["sessions"] / off["seconds"]))
+    finally:
+        stop.set()
+        scraper.join()
+    report(
+        site,
+        capsys,
+        "login 32 clients, /metrics served and scraped each second / not served: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + " (target >= 0.95)",
+    )
 
 
 def cpu_per_session(r):
