@@ -146,6 +146,12 @@ def optional_path(text):
     return None if text == "none" else text
 
 
+def proxy_networks(text):
+    from .server.proxy_protocol import read_networks
+
+    return read_networks(text)
+
+
 def yes_no(text):
     if text not in ("yes", "no"):
         raise ValueError(f"{text!r} is not yes or no")
@@ -201,6 +207,11 @@ DIRECTIVES = {
         Directive("tls_min_version", one_of("1.2", "1.3"), "1.2", reloadable=True),
         Directive("tls_ciphers", text_value, None, reloadable=True),
         Directive("plaintext_auth", one_of("no", "yes", "loopback"), "loopback", reloadable=True),
+        # behind a load balancer: the PROXY protocol (mpop3/server/proxied.py)
+        Directive("listen_proxy", listen_address, [], repeatable=True),
+        Directive("listen_tls_proxy", listen_address, [], repeatable=True),
+        Directive("proxy_trusted_networks", proxy_networks, (), reloadable=True),
+        Directive("proxy_timeout", seconds, 3.0, reloadable=True),
         # privileges (mpop3/server/privs.py): who mpop3 becomes when started as root
         Directive("safe_user", unprivileged_user, "nobody"),
         Directive("mail_group", group_name, "mail"),
@@ -218,6 +229,8 @@ RELOADABLE = tuple(name for name, d in DIRECTIVES.items() if d.reloadable)
 # changed in the file, these are only noted at a reload: they need a restart
 RESTART_NEEDED = (
     "listen_tls",
+    "listen_proxy",
+    "listen_tls_proxy",
     "worker_threads",
     "processes",
     "login_queue",
@@ -259,6 +272,12 @@ class Config:
             return self.__dict__["values"][name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+def listen_addresses(conf):
+    """Every address to listen on: plain, TLS, and behind a proxy."""
+    values = conf.values
+    return conf.listen + values["listen_tls"] + values["listen_proxy"] + values["listen_tls_proxy"]
 
 
 def load(path):

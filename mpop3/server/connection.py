@@ -107,13 +107,15 @@ class Connection:
         "tops",
         "top_bytes",
         "sending_top",
+        "proxy_client",
     )
 
-    def __init__(self, service, admitted=None, started=None, resumed=None):
+    def __init__(self, service, admitted=None, started=None, resumed=None, proxy_client=None):
         """`admitted`: the client address the service counted at accept
         (accept.py), else the connection asks for admission when it is made;
         `started`: loop.time() of the accept; `resumed`: (core.Handover,
-        lines) of a session logged in by another process."""
+        lines) of a session logged in by another process; `proxy_client`:
+        what a load balancer's header said of the client (proxied.Client)."""
         self.service = service
         self.admitted = admitted
         self.loop = service.loop
@@ -146,6 +148,7 @@ class Connection:
         self.commit_started = None
         self.retrieved = self.retrieved_bytes = self.tops = self.top_bytes = 0  # the logout line's
         self.sending_top = False
+        self.proxy_client = proxy_client
 
     # --- connection events ---------------------------------------------------
 
@@ -176,18 +179,21 @@ class Connection:
             return
         self.cells[metrics.SESSIONS_TOTAL] += 1
         secure = transport.get_extra_info("ssl_object") is not None  # implicit TLS (RFC 8314)
+        proxy = self.proxy_client
         timestamp = service.tables.auth.auth_timestamp()
         self.core = SessionCore(
             service.policy,
             peer,
-            secure=secure,
-            cleartext_ok=cleartext_allowed(service.settings.plaintext_auth, peer),
+            secure=secure or (proxy is not None and proxy.tls),
+            cleartext_ok=cleartext_allowed(service.settings.plaintext_auth, peer, proxy),
             # a socket can switch to TLS; stdin mode's pipes (no peer) cannot
             tls_available=service.tls_context is not None and peer != tls.NO_PEER,
             timestamp=timestamp.encode("utf-8", "surrogateescape") if timestamp else None,
         )
         if secure:
             self.log_tls(transport)
+        elif self.core.secure:
+            log.info("%s: TLS at the proxy", peer)
         self.show()
         greeting = self.core.greeting()
         self.cells[metrics.SENT_BYTES] += len(greeting)
@@ -792,6 +798,9 @@ def peer_address(transport):
     return tls.NO_PEER if peer is None else str(peer)
 
 
-def cleartext_allowed(policy, peer):
-    """plaintext_auth: may this client send a password in clear?"""
+def cleartext_allowed(policy, peer, proxy=None):
+    """plaintext_auth: may this client send a password in clear? A proxy's
+    own connection (a LOCAL header) is never a client on this machine."""
+    if policy == "loopback" and proxy is not None and proxy.local:
+        return False
     return policy == "yes" or (policy == "loopback" and tls.is_local(peer))

@@ -22,6 +22,7 @@ import os
 import pwd
 import signal
 
+from .. import config
 from . import dnssd, operations, privs, scoreboard
 from .file_throttle import FileLoginThrottle
 from .limits import FileLoginClock
@@ -55,7 +56,7 @@ def run(conf, tables, stdin_mode=False, debug=False):
         # several server processes: a set of sockets each (SO_REUSEPORT), so
         # the kernel spreads connections evenly instead of waking them all
         socket_sets = [
-            [bind(host, port, reuse_port=processes > 1) for host, port in conf.listen + conf.listen_tls]
+            [bind(host, port, reuse_port=processes > 1) for host, port in config.listen_addresses(conf)]
             for _ in range(processes)
         ]
     except OSError as e:
@@ -63,6 +64,12 @@ def run(conf, tables, stdin_mode=False, debug=False):
         return 1
     try:
         by_role = per_session and split_by_role(conf)
+        if per_session and not by_role and (conf.values["listen_proxy"] or conf.values["listen_tls_proxy"]):
+            # the listener would have to read the header, and it is root
+            raise ValueError(
+                "listen_proxy and listen_tls_proxy need processes by role (login_user) where each session "
+                "would get a process of its own"
+            )
         ops = Operations.bind(conf)
     except ValueError as e:
         log.error("%s", e)

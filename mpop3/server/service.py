@@ -28,7 +28,7 @@ from .. import log as logs
 from ..auth_functions import AuthFunctions
 from ..protocol import replies
 from ..protocol.core import Policy
-from . import jobs, metrics, scoreboard, tls
+from . import jobs, metrics, proxied, scoreboard, tls
 from .accept import Acceptor, limited
 from .connection import Connection
 from .jobs import Limits
@@ -142,11 +142,29 @@ class Service:
         if self.session_ended is not None:
             self.session_ended(connection)
 
-    def accepted(self, conn, peer, context):
+    def accepted(self, conn, peer, context, proxy=False):
         """A connection the acceptor took (accept.py): counted now, before
         any TLS handshake; refused at once if over a limit (without a word
-        on a TLS port, where a clear -ERR would be garbage to the client)."""
+        on a TLS port, where a clear -ERR would be garbage to the client).
+        `proxy`: a PROXY protocol listener's, whose header comes first."""
         address = peer[0] if isinstance(peer, (tuple, list)) and peer else tls.NO_PEER
+        if proxy:
+            self.loop.create_task(self.behind_proxy(conn, address, context))
+            return
+        self.admitted(conn, address, context)
+
+    async def behind_proxy(self, conn, proxy, context):
+        try:
+            client = await proxied.client_behind(self.loop, conn, proxy, self.settings)
+        except BaseException:
+            conn.close()
+            raise
+        if client is None:
+            conn.close()
+            return
+        self.admitted(conn, client.address, context, client)
+
+    def admitted(self, conn, address, context, proxy_client=None):
         refusal = replies.ERR_SHUTTING_DOWN if self.stopping else self.admission.admit(address)
         if refusal is not None:
             self.cells[metrics.REFUSED] += 1
@@ -157,7 +175,7 @@ class Service:
                     pass
             conn.close()
             return
-        connection = Connection(self, admitted=address, started=self.loop.time())
+        connection = Connection(self, admitted=address, started=self.loop.time(), proxy_client=proxy_client)
         self.loop.create_task(self.connect(connection, conn, address, context))
 
     async def connect(self, connection, conn, address, context):
@@ -196,28 +214,39 @@ class Service:
         self.loop.call_later(min(1.0, max(0.02, shorter / 4)), self.sweep_idle)
 
     def tls_for(self, sock):
-        """The SSLContext for a socket of a listen_tls address (listening
-        or accepted: implicit TLS), None for a plain one."""
-        if tls.is_tls_address(self.conf.values["listen_tls"], sock.getsockname()):
+        """The SSLContext for a socket of a listen_tls or listen_tls_proxy
+        address (listening or accepted: implicit TLS), None for a plain one."""
+        values, address = self.conf.values, sock.getsockname()
+        if tls.is_tls_address(values["listen_tls"] + values["listen_tls_proxy"], address):
             return self.tls_context
         return None
+
+    def is_proxied(self, sock):
+        """Whether a listening socket's clients come through a load balancer."""
+        values = self.conf.values
+        return tls.is_tls_address(values["listen_proxy"] + values["listen_tls_proxy"], sock.getsockname())
 
     async def start_listeners(self, sockets=None):
         """Serve on `sockets` (bound by the caller), or bind every listen
         and listen_tls address; returns the (host, port)s."""
         self.sweep_idle()
         if sockets is None:
-            sockets = [bind(host, port) for host, port in self.conf.listen + self.conf.listen_tls]
+            sockets = [bind(host, port) for host, port in config.listen_addresses(self.conf)]
         bound = []
         for sock in sockets:
-            context = self.tls_for(sock)
-            self.listeners.append(Acceptor(self.loop, sock, lambda conn, peer, c=context: self.accepted(conn, peer, c)))
-            bound.append(sock.getsockname()[:2])
+            context, proxy = self.tls_for(sock), self.is_proxied(sock)
+            self.listeners.append(
+                Acceptor(self.loop, sock, lambda conn, peer, c=context, p=proxy: self.accepted(conn, peer, c, p))
+            )
+            bound.append((*sock.getsockname()[:2], context is not None, proxy))
         log.info(
             "listening on %s",
-            ", ".join(f"{h}:{p}" + (" (TLS)" if (h, p) in self.conf.listen_tls else "") for h, p in bound),
+            ", ".join(
+                f"{h}:{p}" + (" (TLS)" if secure else "") + (" (PROXY protocol)" if proxy else "")
+                for h, p, secure, proxy in bound
+            ),
         )
-        return bound
+        return [(h, p) for h, p, _, _ in bound]
 
     async def serve_one(self, connect, resumed=None):
         """One session, wired up by `await connect(connection)`, to its end;

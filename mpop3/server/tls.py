@@ -31,8 +31,9 @@ def context_from_config(conf):
     if cert is None:
         if key is not None:
             raise TLSSetupError("tls_key is set but tls_cert is not")
-        if values["listen_tls"]:
-            raise TLSSetupError("listen_tls needs tls_cert (and tls_key)")
+        for directive in ("listen_tls", "listen_tls_proxy"):
+            if values[directive]:
+                raise TLSSetupError(f"{directive} needs tls_cert (and tls_key)")
         return None
     return server_context(cert, key or cert, values["tls_min_version"], values["tls_ciphers"])
 
