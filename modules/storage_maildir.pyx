@@ -19,6 +19,8 @@ MPOP3_SETTINGS = {
     "uidl_format": "'filename' (default: the name up to ':', or its digest) or 'dovecot' (Dovecot's %08Xu%08Xv from dovecot-uidlist, read only)",
     "maildir_move_to_cur": "yes (default) or no: whether QUIT moves retrieved messages from new/ to cur/ with the S flag",
     "mailbox_user": "who opens a Maildir: 'mailbox' (its user, default) or 'any' (the server's user)",
+    "session_lock": "'file' (default: a marker file in the Maildir, one node) or 'postgresql' (an advisory lock, one [IN-USE] across nodes)",
+    "session_lock_connection": "with session_lock postgresql: the libpq connection string of the database holding the locks",
 }
 
 cdef object settings = Settings()

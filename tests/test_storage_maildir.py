@@ -75,7 +75,7 @@ class Site:
         self.mail = root / "mail"
         self.mail.mkdir(exist_ok=True)
         (root / "passwd").write_text("".join(f"{u}:pw\n" for u in USERS))
-        lines = [f"module_dir {TREE}/modules", "login_fail_delay 0.01", "shutdown_grace 0.5"]
+        lines = [f"module_dir {TREE}/modules", "login_fail_delay 0.01", "shutdown_grace 0.5", "control_socket none"]
         lines += ["auth_module auth_file", f"> passwd_file {root}/passwd", "storage_module storage_maildir"]
         opts = {"mail_location": f"{self.mail}/%u/Maildir", "mailbox_user": "any", **(options or {})}
         lines += [f"> {k} {v}" for k, v in opts.items()]

@@ -1,8 +1,9 @@
 """One session's handle on one Maildir: lock, list, sizes, RETR/TOP, QUIT.
 
 A session's life (docs/maildir.md): Maildir.open finds the directory
-(mail_location), takes the session lock (the mbox engine's SessionMarker,
-MAILDIR/mpop3-session: [IN-USE] for a second session), opens new/ and cur/
+(mail_location), takes the session lock (session_lock.py: the mbox
+engine's SessionMarker, MAILDIR/mpop3-session, or a PostgreSQL advisory
+lock across nodes: [IN-USE] for a second session), opens new/ and cur/
 without following links and lists them once: that listing is all the
 session sees. Sizes come from `,W=` in a name or from the sizes cache
 (MAILDIR/mpop3-sizes), else from the file's bytes, once. RETR and TOP run
@@ -24,9 +25,9 @@ from operator import itemgetter
 
 from ..errors import MailboxInUse, MessageGone, StoragePermError, StorageTempError
 from ..mbox._kernels import DotWriter
-from ..mbox.lock import SessionMarker, kind
+from ..mbox.lock import kind
 from ..progress import MESSAGES, Progress
-from . import uidlist
+from . import session_lock, uidlist
 from ._names import SizeCounter, name_info
 from .names import base_of, filename_uidl
 from .settings import maildir_path
@@ -160,7 +161,7 @@ class Maildir:
         box = cls(settings, name, maildir_path(settings.mail_location, name))
         try:
             box.open_dirs()
-            box.marker = SessionMarker.acquire(os.path.join(box.path, LOCK_NAME))
+            box.marker = session_lock.acquire(settings, name, os.path.join(box.path, LOCK_NAME))
             box.load()
         except (StoragePermError, StorageTempError, MailboxInUse):
             box.close()
@@ -503,6 +504,7 @@ class Maildir:
         done), fsync the directories, update maildirsize. Each change is one
         unlink: a crash at any instant leaves every kept message whole and
         each deleted one present or gone."""
+        self.marker.check()  # the session lock may have gone with its database connection
         deleted = sorted({i for i in deleted if 0 <= i < len(self.entries)})
         self.deleted.update(deleted)
         quota_fd = self.open_maildirsize() if deleted else None

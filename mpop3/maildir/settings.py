@@ -20,6 +20,8 @@ class Settings:
     uidl_format: str = "filename"
     maildir_move_to_cur: bool = True
     mailbox_user: str = "mailbox"
+    session_lock: str = "file"
+    session_lock_connection: str = None
 
     @classmethod
     def parse(cls, conf):
@@ -40,8 +42,18 @@ class Settings:
                 if value not in ("mailbox", "any"):
                     raise ModuleInitError(f"mailbox_user: {value!r} is neither 'mailbox' nor 'any'")
                 values[name] = value
+            elif name == "session_lock":
+                if value not in ("file", "postgresql"):
+                    raise ModuleInitError(f"session_lock: {value!r} is neither 'file' nor 'postgresql'")
+                values[name] = value
+            elif name == "session_lock_connection":
+                values[name] = value
             else:
                 raise ModuleInitError(f"{name}: not a storage_maildir setting")
+        if values.get("session_lock") == "postgresql" and not values.get("session_lock_connection"):
+            raise ModuleInitError("session_lock postgresql needs session_lock_connection (a libpq string)")
+        if values.get("session_lock_connection") and values.get("session_lock") != "postgresql":
+            raise ModuleInitError("session_lock_connection is for session_lock postgresql")
         return cls(**values)
 
 
