@@ -160,7 +160,7 @@ def mpop3(conf, *args, user=None):
     )
 
 
-@pytest.mark.parametrize("model", ["shared", "per-session", "split"])
+@pytest.mark.parametrize("model", ALL_MODELS)
 def test_who_lists_a_session_and_kick_ends_it_without_committing(spawn, request, tmp_path, model):
     control = tmp_path / "run" / "control"
     server = start(spawn, request, model, control_socket=str(control))

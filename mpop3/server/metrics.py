@@ -109,8 +109,15 @@ def cell(name, value=None):
     return metric.first + metric.labels[1].index(value)
 
 
+SESSION_CELLS = {
+    (state, secure): cell("mpop3_sessions", f"{name},{'yes' if secure else 'no'}")
+    for state, name in enumerate(STATES)
+    for secure in (False, True)
+}
+
+
 def session_cell(state, secure):
-    return cell("mpop3_sessions", f"{STATES[state]},{'yes' if secure else 'no'}")
+    return SESSION_CELLS[state, bool(secure)]
 
 
 SESSIONS_TOTAL = cell("mpop3_sessions_total")

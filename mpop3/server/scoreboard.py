@@ -29,6 +29,10 @@ MAGIC = b"mpop3sb1"
 # seq, serial, kick, state (0: free, else metrics.STATES index + 1), tls,
 # since (time.time()), address, user
 SLOT = struct.Struct("<IIIBBxxd64p256p")
+U32 = struct.Struct("<I")  # seq, serial, kick
+FIELDS = struct.Struct("<BBxxd64p256p")  # state onwards, at 12: the writer's alone (`kick` is the reader's)
+FIELDS_AT = 12
+STATE = struct.Struct("<BB")  # state and tls, at 12
 CELLS_AT = HEADER.size
 SLOTS_AT = CELLS_AT + 8 * metrics.CELLS
 KICK_AT = 8  # offset of `kick` in a slot
@@ -46,6 +50,9 @@ class Segment:
         self.cells = memoryview(memory)[CELLS_AT:SLOTS_AT].cast("q")
         self.free = list(range(slots - 1, -1, -1))  # ours to hand out, in this process
         self.serials = [0] * slots
+        # what we wrote last, kept here so that a write reads nothing back
+        self.seqs = [0] * slots
+        self.shown = [(0.0, b"", b"")] * slots  # (since, address, user)
 
     @classmethod
     def create(cls, slots, keep_fd=False):
@@ -100,6 +107,14 @@ class Segment:
         return index
 
     def update(self, index, state, secure, user=b""):
+        if user == self.shown[index][2]:  # the state alone: two bytes
+            at = SLOTS_AT + index * SLOT.size
+            writing = self.seqs[index] | 1
+            U32.pack_into(self.memory, at, writing)
+            STATE.pack_into(self.memory, at + FIELDS_AT, state + 1, secure)
+            self.seqs[index] = written = (writing + 1) & 0xFFFFFFFF
+            U32.pack_into(self.memory, at, written)
+            return
         self.write(index, self.serials[index], state + 1, secure, None, user)
 
     def release(self, index):
@@ -109,19 +124,21 @@ class Segment:
     def write(self, index, serial, state, secure, address, user):
         at = SLOTS_AT + index * SLOT.size
         memory = self.memory
-        seq, _, kick, _, _, since, old_address, _ = SLOT.unpack_from(memory, at)
         if address is None:
-            address = old_address
+            since, address, _ = self.shown[index]
         else:
             since = time.time()
-        writing = (seq | 1) & 0xFFFFFFFF  # odd: being written
-        struct.pack_into("<I", memory, at, writing)
-        SLOT.pack_into(memory, at, writing, serial, kick, state, secure, since, address[:63], user[:255])
-        struct.pack_into("<I", memory, at, (writing + 1) & 0xFFFFFFFF)
+        self.shown[index] = (since, address, user)
+        writing = self.seqs[index] | 1  # odd: being written
+        U32.pack_into(memory, at, writing)
+        U32.pack_into(memory, at + 4, serial)
+        FIELDS.pack_into(memory, at + FIELDS_AT, state, secure, since, address[:63], user[:255])
+        self.seqs[index] = written = (writing + 1) & 0xFFFFFFFF
+        U32.pack_into(memory, at, written)
 
     def kicked(self, index):
         """Whether the reader asked to end the session in this slot."""
-        kick = struct.unpack_from("<I", self.memory, SLOTS_AT + index * SLOT.size + KICK_AT)[0]
+        kick = U32.unpack_from(self.memory, SLOTS_AT + index * SLOT.size + KICK_AT)[0]
         return kick != 0 and kick == self.serials[index]
 
     # --- the reader ------------------------------------------------------------------
@@ -137,7 +154,7 @@ class Segment:
                 first = SLOT.unpack_from(memory, at)
                 if first[0] & 1:
                     continue
-                if struct.unpack_from("<I", memory, at)[0] == first[0]:
+                if U32.unpack_from(memory, at)[0] == first[0]:
                     break
             else:
                 continue  # a writer kept at it: leave it out this time
@@ -147,7 +164,7 @@ class Segment:
         return found
 
     def kick(self, index, serial):
-        struct.pack_into("<I", self.memory, SLOTS_AT + index * SLOT.size + KICK_AT, serial)
+        U32.pack_into(self.memory, SLOTS_AT + index * SLOT.size + KICK_AT, serial)
 
 
 # This process's own segment, when its parent made it (fork, or exec).
