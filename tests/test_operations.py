@@ -118,6 +118,34 @@ def test_metrics_follow_real_sessions(spawn, request, model):
     promtool_accepts(text)
 
 
+def test_failed_handshakes_and_refused_connections_are_counted(spawn, request, certificate):
+    cert, key = certificate
+    port, tls_port = free_port(), free_port()
+    server = start(
+        spawn,
+        request,
+        "shared",
+        metrics_listen=f"127.0.0.1:{port}",
+        tls_cert=cert,
+        tls_key=key,
+        listen_tls=f"127.0.0.1:{tls_port}",
+        max_sessions_per_ip="1",
+    )
+    wait_for(lambda: scrape(port), seconds=10)
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as sock:
+        sock.sendall(b"USER bob\r\n" * 100)  # no TLS hello
+        try:
+            assert sock.recv(100) == b""  # closed
+        except ConnectionResetError:
+            pass
+    wait_for(lambda: value(port, "mpop3_tls_handshakes_failed_total") == 1)
+    first = Wire(server.port)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        assert sock.recv(200).startswith(b"-ERR [SYS/TEMP] too many sessions from your address")
+    assert value(port, "mpop3_connections_refused_total") == 1
+    first.cmd("QUIT")
+
+
 def test_the_metrics_process_of_a_root_master_is_safe_user(spawn, request):
     port = free_port()
     server = start(spawn, request, "split", metrics_listen=f"127.0.0.1:{port}")
