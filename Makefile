@@ -48,7 +48,7 @@ install: build
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(PYLIBDIR)/mpop3/include $(DESTDIR)$(MODDIR) \
 	    $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(DATADIR)/include
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps --upgrade \
-	    --target $(DESTDIR)$(PYLIBDIR) $$($(VPY) -m pip freeze | grep -iE '^(uvloop|cython|psycopg|psycopg.pool|typing.extensions)==')
+	    --target $(DESTDIR)$(PYLIBDIR) $$($(VPY) -m pip freeze | grep -iE '^(uvloop|cython|psycopg|psycopg.pool|psycopg.binary|typing.extensions)==')
 	find mpop3 -name '*.py' -o -name '*.pxd' -o -name '*.pxi' | while read f; do \
 	    install -D -m 644 $$f $(DESTDIR)$(PYLIBDIR)/$$f; done
 	find mpop3 -name '*.so' | while read f; do install -D -m 755 $$f $(DESTDIR)$(PYLIBDIR)/$$f; done

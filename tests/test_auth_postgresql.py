@@ -342,9 +342,13 @@ def test_pools_are_opened_in_each_serving_process_not_before_fork(running, tmp_p
     path.write_text(text)
     names = "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'mpop3%'"
     with Spawned(str(path)) as server:
-        children = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True)
-        children = children.stdout.split()
-        assert len(children) == 2, children
+
+        def two_children():
+            """both server processes started (the parent listens before it forks them)"""
+            found = subprocess.run(["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True)
+            return len(found.stdout.split()) == 2 and found.stdout.split()
+
+        children = wait_for(two_children, seconds=10)
         ours = {f"mpop3 auth {pid}" for pid in [*children, server.proc.pid]}
 
         def pools():
