@@ -546,6 +546,7 @@ def test_processes_by_role(site, capsys):
         f"a process per session {per_session_rate:6.0f}/s, ratio {rate / per_session_rate:.2f}; "
         f"server CPU per session {1e3 * ours['server_cpu'] / rate:.2f} ms",
     )
+    compare_with_dovecot(site, capsys, "login", 32, "user6%02d", rate, lambda r: r["sessions"], "sessions/s")
     tls_shared = measure(site, "mpop3-tls", "retr", 4, "r%d")
     tls_split = measure(site, "split-tls", "retr", 4, "r%d")
     mb = tls_split["bytes"] / tls_split["seconds"] / 1e6
