@@ -64,6 +64,26 @@ def test_one_session_across_two_servers(nodes):
 
 
 @pytest.mark.slow  # PostgreSQL and servers in subprocesses
+def test_a_lock_connection_serves_one_session_at_a_time_and_then_the_next(nodes, pg):
+    """Sequential sessions of a server take one connection in turn (no new
+    backend per login); each end's unlock is through before the other
+    server's login, at once."""
+    nodes.maildir("u5", MESSAGES[:1])
+    a, b = nodes.nodes
+    for _ in range(5):
+        w, reply = log_in(a.port, "u5")
+        assert reply.startswith(b"+OK")
+        w.cmd("QUIT")
+        start = time.monotonic()
+        x, reply = log_in(b.port, "u5")
+        assert reply.startswith(b"+OK") and time.monotonic() - start < 0.5
+        x.cmd("QUIT")
+    names = pg.sql("SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'mpop3 lock %%'")
+    # ten logins, and a connection at most per server process (each server has two: processes auto)
+    assert len(names) == len(set(names)) <= 4
+
+
+@pytest.mark.slow  # PostgreSQL and servers in subprocesses
 def test_a_server_killed_holding_the_lock_frees_it_at_once(nodes):
     nodes.maildir("u2", MESSAGES[:1])
     a, b = nodes.nodes
