@@ -29,8 +29,9 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 TREE = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(TREE, "tests"))
-from cluster_lab import Lab, cpu_seconds  # noqa: E402
+from cluster_lab import Lab  # noqa: E402
 from postgres_helpers import available  # noqa: E402
+from process_limits import cpu_seconds  # noqa: E402
 from test_load import LOADGEN, loadgen  # noqa: E402
 
 CLIENTS = 32

@@ -30,6 +30,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from pop_server import make_certificate, served_as_safe_user  # noqa: E402
+from process_limits import cpu_seconds  # noqa: E402,F401  (bench_auth takes it from here too)
 from system_users import system_user  # noqa: E402  (the spools, as the tests give them to safe_user)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -235,22 +236,6 @@ def wait_listening(port):
         except OSError:
             time.sleep(0.05)
     raise RuntimeError("server did not start")
-
-
-def cpu_seconds(pid):
-    """User + system CPU of a process, its threads, its live child
-    processes and the ended ones it has waited for (session processes)."""
-    total = 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total = sum(int(n) for n in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                total += sum(cpu_seconds(int(child)) for child in f.read().split())
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return total
 
 
 def minor_faults(pid):

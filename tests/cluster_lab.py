@@ -58,6 +58,7 @@ import tempfile
 
 from pop_server import TREE, Wire, wait_for
 from postgres_helpers import Cluster
+from process_limits import cpu_seconds
 
 from mpop3.passwords import crypt
 from mpop3.server import privs
@@ -658,22 +659,6 @@ def descendants(pid):
     except (FileNotFoundError, ProcessLookupError):
         pass
     return out
-
-
-def cpu_seconds(pid):
-    """User + system CPU of a process, its threads, its live descendants
-    and the ended children it has waited for."""
-    total = 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total = sum(int(n) for n in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                total += sum(cpu_seconds(int(child)) for child in f.read().split())
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return total
 
 
 def wait_login(lab, user, password, seconds=10):

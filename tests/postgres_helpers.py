@@ -91,6 +91,13 @@ class Cluster:
     def remove(self):
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def is_up(self):
+        try:
+            self.sql("SELECT 1")
+            return True
+        except Exception:
+            return False
+
     def sql(self, statement, params=None):
         """Run one statement as the superuser; the rows it returns, if any."""
         with psycopg.connect(self.connection, autocommit=True) as conn:

@@ -85,19 +85,11 @@ def pg():
 @pytest.fixture
 def running(pg):
     """The cluster up at the start and at the end of the test."""
-    if not up(pg):
+    if not pg.is_up():
         pg.start()
     yield pg
-    if not up(pg):
+    if not pg.is_up():
         pg.start()
-
-
-def up(pg):
-    try:
-        pg.sql("SELECT 1")
-        return True
-    except Exception:
-        return False
 
 
 def conf_text(pg, **settings):

@@ -30,16 +30,8 @@ def nodes(pg, tmp_path):
     with Spawned(str(site.conf)) as a, Spawned(str(site.conf)) as b:
         site.nodes = (a, b)
         yield site
-    if not up(pg):
+    if not pg.is_up():
         pg.start()
-
-
-def up(pg):
-    try:
-        pg.sql("SELECT 1")
-        return True
-    except Exception:
-        return False
 
 
 def log_in(port, user="u1"):
