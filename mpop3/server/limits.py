@@ -51,46 +51,50 @@ def address_group(address, ipv6_prefix=64):
 class Admission:
     """max_sessions and max_sessions_per_ip: whether a session may start.
 
-    `tally`, if given, counts the sessions of every server process
-    (prefork.SessionTally) for max_sessions; per address, the sessions
-    counted are this object's."""
+    `counts`, if given, are the sessions of every process that admits
+    clients (shared_counts.SharedCounts): ours are written in our column,
+    and the limits are judged on all columns, unless `judge_shared` is
+    false (the split model's master, whose sessions were admitted once
+    already, by a login process)."""
 
-    def __init__(self, max_sessions, max_per_address, tally=None, ipv6_prefix=64):
+    def __init__(self, max_sessions, max_per_address, counts=None, ipv6_prefix=64, judge_shared=True):
         self.max_sessions = max_sessions
         self.max_per_address = max_per_address
-        self.tally = tally
+        self.counts = counts
+        self.judge_shared = judge_shared and counts is not None
         self.ipv6_prefix = ipv6_prefix
         self.sessions = 0
         self.per_address = {}  # address group -> sessions
 
     def admit(self, address):
         """None, having counted the session in; or the reply that refuses it."""
-        open_now = self.sessions if self.tally is None else self.tally.total()
+        shared = self.counts if self.judge_shared else None
+        open_now = self.sessions if shared is None else shared.total()
         if open_now >= self.max_sessions:
             log.warning("%s: refused, %d sessions already", address, open_now)
             return replies.ERR_TOO_MANY_SESSIONS
         group = address_group(address, self.ipv6_prefix)
         count = self.per_address.get(group, 0)
-        if count >= self.max_per_address:
-            log.warning("%s: refused, %d sessions from %s already", address, count, group)
+        from_group = count if shared is None else shared.at(group)
+        if from_group >= self.max_per_address:
+            log.warning("%s: refused, %d sessions from %s already", address, from_group, group)
             return replies.ERR_TOO_MANY_FROM_YOU
         self.per_address[group] = count + 1
-        self.count(+1)
+        self.sessions += 1
+        if self.counts is not None:
+            self.counts.add(group, +1)
         return None
 
     def release(self, address):
-        self.count(-1)
+        self.sessions -= 1
         group = address_group(address, self.ipv6_prefix)
         count = self.per_address.get(group, 1) - 1
         if count > 0:
             self.per_address[group] = count
         else:
             self.per_address.pop(group, None)
-
-    def count(self, change):
-        self.sessions += change
-        if self.tally is not None:
-            self.tally.set(self.sessions)
+        if self.counts is not None:
+            self.counts.add(group, -1)
 
 
 class LoginThrottle:

@@ -28,6 +28,7 @@ from ..storage_functions import StorageFunctions
 from . import scoreboard, tls
 from .auth_service import AuthClient
 from .limits import LoginDelayClock, LoginThrottle
+from .shared_counts import SharedCounts
 from .supervisor import Channel, name_process
 
 log = logging.getLogger("mpop3.server")
@@ -48,11 +49,15 @@ def main(setup_fd):
     tables = Tables(auth, StorageFunctions(), [])
     listening = [socket.socket(fileno=fd) for fd in setup["listen"]]
     scoreboard.own = scoreboard.Segment.attach(setup["scoreboard"])
+    counts = None
+    if setup["counts"] is not None:
+        fd, columns, column = setup["counts"]
+        counts = SharedCounts.attach(fd, columns, throttle.key, column)
     prepare_for_the_jail()
     lock_in(setup["root"], setup["user"])
     from .login_service import serve_logins
 
-    return serve_logins(conf, tables, listening, channel, handoffs)
+    return serve_logins(conf, tables, listening, channel, handoffs, counts)
 
 
 def prepare_for_the_jail():

@@ -17,7 +17,7 @@ log = logging.getLogger("mpop3.server")
 RELAY_HIGH = 256 * 1024  # bytes queued toward one side before the other is no longer read
 
 
-def serve_logins(conf, tables, listening, channel, handoffs):
+def serve_logins(conf, tables, listening, channel, handoffs, counts=None):
     loop = new_loop()
     asyncio.set_event_loop(loop)
     handoffs.setblocking(False)
@@ -26,7 +26,7 @@ def serve_logins(conf, tables, listening, channel, handoffs):
     def hand_off(connection, ticket):
         hand_over(service, handoffs, connection, ticket)
 
-    service = Service(conf, tables, loop, limits=(channel.throttle, channel.clock), hand_off=hand_off)
+    service = Service(conf, tables, loop, limits=(channel.throttle, channel.clock), hand_off=hand_off, counts=counts)
     loop.add_reader(handoffs.fileno(), from_master, handoffs, tables.auth, service)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, service.stop)

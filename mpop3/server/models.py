@@ -51,10 +51,16 @@ def run(conf, tables, stdin_mode=False, debug=False):
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     recover(tables)
     per_session = plan is not None and plan.process_per_session
-    processes = 1 if per_session else conf.values["processes"]
     try:
-        # several server processes: a set of sockets each (SO_REUSEPORT), so
-        # the kernel spreads connections evenly instead of waking them all
+        by_role = per_session and split_by_role(conf)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
+    processes = 1 if per_session and not by_role else conf.values["processes"]
+    try:
+        # several processes that accept (server or login processes): a set
+        # of sockets each (SO_REUSEPORT), so the kernel spreads connections
+        # evenly instead of waking them all
         socket_sets = [
             [bind(host, port, reuse_port=processes > 1) for host, port in config.listen_addresses(conf)]
             for _ in range(processes)
@@ -63,7 +69,6 @@ def run(conf, tables, stdin_mode=False, debug=False):
         log.error("cannot listen: %s", e.strerror or e)
         return 1
     try:
-        by_role = per_session and split_by_role(conf)
         if per_session and not by_role and (conf.values["listen_proxy"] or conf.values["listen_tls_proxy"]):
             # the listener would have to read the header, and it is root
             raise ValueError(
@@ -87,7 +92,7 @@ def run(conf, tables, stdin_mode=False, debug=False):
 def serve_bound(conf, tables, plan, socket_sets, per_session, by_role, before_open, debug, ops):
     """Run the chosen model on the bound sockets until it stops."""
     if by_role:
-        return supervised(Split(conf, tables, socket_sets[0], plan, debug=debug), ops)
+        return supervised(Split(conf, tables, socket_sets, plan, debug=debug), ops)
     if per_session:
 
         def serve_session(conf, sock, channel):
@@ -98,8 +103,8 @@ def serve_bound(conf, tables, plan, socket_sets, per_session, by_role, before_op
         return 1
     if len(socket_sets) > 1:
 
-        def serve_worker(conf, sockets, tally, channel):
-            return serve_shared(conf, tables, sockets, tally, channel)
+        def serve_worker(conf, sockets, counts, channel):
+            return serve_shared(conf, tables, sockets, counts, channel)
 
         return supervised(Prefork(conf, socket_sets, serve_worker), ops)
     return serve_shared(conf, tables, socket_sets[0], ops=ops)
@@ -144,9 +149,9 @@ def recover(tables):
         log.exception("the storage module failed to recover at start-up; going on")
 
 
-def serve_shared(conf, tables, sockets, tally=None, channel=None, ops=None):
+def serve_shared(conf, tables, sockets, counts=None, channel=None, ops=None):
     """Many sessions in this process, on listening `sockets`; in a worker
-    of several, `tally` counts the sessions of all and `channel` reaches
+    of several, `counts` are the sessions of all and `channel` reaches
     the parent's limits. `ops`: this process alone serves, so it answers
     the control socket and /metrics itself."""
 
@@ -158,7 +163,7 @@ def serve_shared(conf, tables, sockets, tally=None, channel=None, ops=None):
         log.info("stopped")
 
     limits = (channel.throttle, channel.clock) if channel is not None else None
-    return in_service(conf, tables, main, limits=limits, tally=tally)
+    return in_service(conf, tables, main, limits=limits, counts=counts)
 
 
 def serve_operations(service, ops):

@@ -5,21 +5,20 @@ each with its own SO_REUSEPORT sockets, use every core (nginx's worker
 processes). The parent binds, forks the workers, passes SIGTERM, SIGINT
 and SIGHUP on to them, and starts a new one if one dies (if the system
 will not let it fork, it tries again every RESPAWN_PAUSE). Each worker is
-a complete server with its own sessions. max_sessions counts the sessions
-of all of them (SessionTally, in shared memory); the failed-login delays
-and LOGIN-DELAY are the parent's (mpop3/server/supervisor.py), so they too
-hold whichever worker a client reaches; max_sessions_per_ip counts per
-worker.
+a complete server with its own sessions. max_sessions and
+max_sessions_per_ip count the sessions of all of them (shared_counts.py,
+a column per worker); the failed-login delays and LOGIN-DELAY are the
+parent's (mpop3/server/supervisor.py), so they too hold whichever worker
+a client reaches.
 """
 
 import ctypes
 import logging
-import mmap
 import os
 import signal
-import struct
 import time
 
+from .shared_counts import SharedCounts
 from .supervisor import Supervisor
 
 log = logging.getLogger("mpop3.server")
@@ -28,30 +27,9 @@ RESPAWN_PAUSE = 1.0  # a worker that dies at once is not restarted in a tight lo
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
-class SessionTally:
-    """The sessions all server processes hold, in memory they share, so
-    that max_sessions counts them all. Each process writes only its own
-    slot (no lock); processes admitting at the very same instant may let
-    in one session each beyond the limit."""
-
-    def __init__(self, slots):
-        self.memory = mmap.mmap(-1, 8 * slots)  # anonymous and shared: survives fork
-        self.slots = slots
-        self.slot = 0
-
-    def set(self, count):
-        struct.pack_into("q", self.memory, 8 * self.slot, count)
-
-    def total(self):
-        return sum(struct.unpack_from(f"{self.slots}q", self.memory))
-
-    def clear(self, slot):
-        struct.pack_into("q", self.memory, 8 * slot, 0)
-
-
 class Prefork(Supervisor):
     """Run a worker per set of listening sockets, each
-    `serve_worker(conf, sockets, tally, channel)`, until told to stop. The
+    `serve_worker(conf, sockets, counts, channel)`, until told to stop. The
     parent keeps every set open, so connections queued for a worker that
     dies wait for its replacement."""
 
@@ -59,7 +37,7 @@ class Prefork(Supervisor):
         super().__init__(conf)
         self.socket_sets = socket_sets
         self.serve_worker = serve_worker
-        self.tally = SessionTally(len(socket_sets))
+        self.counts = SharedCounts.create(len(socket_sets), self.throttle.key)
         self.unstarted = list(range(len(socket_sets)))  # slots whose worker is to be (re)started
         self.next_start = 0.0  # monotonic time of the next attempt
         self.failed = False
@@ -97,14 +75,14 @@ class Prefork(Supervisor):
             end_with_parent()
             # the worker unblocks SIGTERM, SIGINT and SIGHUP once it handles them
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-            self.tally.slot = slot
-            return self.serve_worker(self.conf, self.socket_sets[slot], self.tally, channel)
+            self.counts.column = slot
+            return self.serve_worker(self.conf, self.socket_sets[slot], self.counts, channel)
 
         self.child_main("server process", serve)
 
     def child_ended(self, pid, status):
         started, slot = self.children.pop(pid)
-        self.tally.clear(slot)  # its sessions died with it
+        self.counts.clear(slot)  # its sessions died with it
         code = os.waitstatus_to_exitcode(status)
         if self.stopping:
             self.failed = self.failed or code != 0

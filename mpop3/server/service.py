@@ -50,11 +50,11 @@ class Settings:
 
 
 class Service:
-    def __init__(self, conf, tables, loop, *, workers=None, limits=None, tally=None, before_open=None, hand_off=None):
+    def __init__(self, conf, tables, loop, *, workers=None, limits=None, counts=None, before_open=None, hand_off=None):
         """`workers`: InlineWorkers in a process of one session (default:
         threads). `limits`: (throttle, clock) of a parent process that sees
-        every session (default: this process's own). `tally`: the session
-        count of all server processes. `before_open(mailbox)`: where a
+        every session (default: this process's own). `counts`: the sessions
+        of every process that admits clients (shared_counts.py). `before_open(mailbox)`: where a
         session process gives up root. `hand_off(connection, ticket)`: in a
         login process (login_process.py), where a logged-in session goes
         instead of opening its mailbox here."""
@@ -73,7 +73,7 @@ class Service:
         # built before any fork (cli.py); tests hand the Service a bare Config
         self.tls_context = conf.tls_context or tls.context_from_config(conf)
         prefix = values["ipv6_prefix"]
-        self.admission = Admission(settings.max_sessions, settings.max_sessions_per_ip, tally, prefix)
+        self.admission = Admission(settings.max_sessions, settings.max_sessions_per_ip, counts, prefix)
         throttle, clock = limits or (
             LoginThrottle(settings.login_fail_delay, settings.login_fail_delay_max),
             LoginDelayClock(),

@@ -37,6 +37,7 @@ from . import privs, records, scoreboard, tls
 from .auth_service import AuthServer
 from .limits import Admission
 from .per_session import prepare_for_forks, refuse
+from .shared_counts import SharedCounts
 from .supervisor import HANDLED, ChildReports, Supervisor
 
 log = logging.getLogger("mpop3.server")
@@ -45,14 +46,21 @@ RESTART_DELAY = 1.0  # a login or auth process that died is started again after 
 
 
 class Split(Supervisor):
-    def __init__(self, conf, tables, sockets, plan, debug=False):
+    def __init__(self, conf, tables, socket_sets, plan, debug=False):
         super().__init__(conf)
         self.tables = tables
-        self.sockets = sockets
+        self.socket_sets = socket_sets  # a set per login slot (SO_REUSEPORT: the kernel spreads clients)
+        self.sockets = [sock for sockets in socket_sets for sock in sockets]
         self.plan = plan
         self.debug = debug
         values = conf.values
-        self.admission = Admission(values["max_sessions"], values["max_sessions_per_ip"], None, values["ipv6_prefix"])
+        # the sessions of every process that admits clients: a column for the
+        # master's (logged in), one for each login process's, old and new
+        columns = 1 + 2 * values["processes"] + 2
+        self.counts = SharedCounts.create(columns, self.throttle.key, keep_fd=True)
+        self.free_columns = list(range(columns - 1, 0, -1))
+        limits = values["max_sessions"], values["max_sessions_per_ip"]
+        self.admission = Admission(*limits, self.counts, values["ipv6_prefix"], judge_shared=False)
         self.jail = None
         self.auth = None  # (pid, control socket)
         self.logins = {}  # slot -> its LoginProcess (the one taking new clients)
@@ -91,6 +99,11 @@ class Split(Supervisor):
         self.children[pid] = ("auth",)
         self.auth = (pid, ours)
 
+    def leave(self, segment=None):
+        """A forked child (auth, mail, metrics) keeps no way to the counts."""
+        super().leave(segment)
+        self.counts.close()
+
     def be_auth(self, control):
         for sock in self.sockets:
             sock.close()
@@ -120,6 +133,10 @@ class Split(Supervisor):
         handoff, handoff_theirs = records.pair()
         auth = self.auth_sockets()
         segment = scoreboard.Segment.create(values["max_sessions"], keep_fd=True)
+        listening = self.socket_sets[slot % len(self.socket_sets)]
+        column = self.free_columns.pop() if self.free_columns else None
+        if column is None:
+            log.warning("login process for slot %s: no column left in the shared session counts; it counts alone", slot)
         setup_r, setup_w = os.pipe()
         given = [channel_theirs, handoff_theirs, *auth]
         setup = {
@@ -129,17 +146,18 @@ class Split(Supervisor):
             "channel": channel_theirs.fileno(),
             "handoff": handoff_theirs.fileno(),
             "auth": [s.fileno() for s in auth],
-            "listen": [s.fileno() for s in self.sockets],
+            "listen": [s.fileno() for s in listening],
             "apop": self.apop,
             "cram_md5": self.cram_md5,
             "login_delay": int(self.tables.auth.auth_default_login_delay() or 0),
             "user": values["login_user"],
             "root": self.jail,
             "scoreboard": segment.fd,
+            "counts": None if column is None else [self.counts.fd, self.counts.columns, column],
         }
         with os.fdopen(setup_w, "wb") as f:
             f.write(json.dumps(setup).encode())
-        fds = [setup_r, segment.fd, *(s.fileno() for s in given), *(s.fileno() for s in self.sockets)]
+        fds = [setup_r, segment.fd, self.counts.fd, *(s.fileno() for s in given), *(s.fileno() for s in listening)]
         # it starts with our signals held, until its loop handles them
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         try:
@@ -150,6 +168,8 @@ class Split(Supervisor):
             )
         except OSError:
             segment.close()
+            if column is not None:
+                self.free_columns.append(column)
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
@@ -162,7 +182,7 @@ class Split(Supervisor):
         channel.setblocking(False)
         self.selector.register(channel, selectors.EVENT_READ, ChildReports(self, channel, None).read)
         handoff.setblocking(False)
-        login = LoginProcess(proc.pid, slot, channel, handoff)
+        login = LoginProcess(proc.pid, slot, channel, handoff, column)
         self.selector.register(handoff, selectors.EVENT_READ, lambda sock: self.handed(login, sock))
         self.children[proc.pid] = ("login", login)
         self.logins[slot] = login
@@ -334,6 +354,9 @@ class Split(Supervisor):
             mail.sessions = []
         elif kind[0] == "login":
             login = kind[1]
+            if login.column is not None:  # its sessions ended with it
+                self.counts.clear(login.column)
+                self.free_columns.append(login.column)
             registered = {key.fileobj for key in self.selector.get_map().values()}
             for sock in (login.channel, login.handoff):
                 if sock in registered:
@@ -453,8 +476,9 @@ class MailProcess:
 class LoginProcess:
     """The master's record of a login process."""
 
-    def __init__(self, pid, slot, channel, handoff):
+    def __init__(self, pid, slot, channel, handoff, column):
         self.pid = pid
         self.slot = slot
+        self.column = column  # its column of the shared session counts
         self.channel = channel  # its reports: delays, LOGIN-DELAY (supervisor.ChildReports)
         self.handoff = handoff  # its logged-in sessions
