@@ -453,6 +453,28 @@ def test_a_mail_process_killed_mid_quit_leaves_the_spool_old_or_new(spawn, login
     assert spool.read_bytes() in (old, new)
 
 
+def test_a_session_sent_to_a_mail_process_that_dies_before_taking_it_goes_to_another(spawn, login_user):
+    """The master keeps its copy of a client until the mail process says it
+    took it: here the process is stopped when the session is sent, then
+    killed; the session is served by a new one, not lost."""
+    server = split_site(spawn)
+    w = Wire(server.port)
+    w.login("vera", "pw")
+    w.cmd("QUIT")
+    _, (auth, mail) = wait_for(lambda: len((r := role_pids(server))[1]) == 2 and r, seconds=10)
+    os.kill(mail, signal.SIGSTOP)  # idle, kept for vera's next session
+    try:
+        w = Wire(server.port)
+        w.cmd("USER vera")
+        w.send(b"PASS pw\r\n")
+        time.sleep(0.5)  # handed to the stopped process (nothing answers)
+    finally:
+        kill_9(mail)
+    assert w.line().startswith(b"+OK maildrop has 2 messages")
+    assert w.cmd("STAT").startswith(b"+OK 2 ")
+    assert mail not in role_pids(server)[1]
+
+
 def test_the_auth_and_a_login_process_killed_together_both_come_back(spawn, login_user):
     """A login process restarted while the auth process is down waits for
     it (its sockets come from the auth process) instead of failing the master."""

@@ -48,6 +48,10 @@ def serve_mail(conf, tables, loop, master, channel):
             if not service.connections:
                 service.stop()
             return
+        try:
+            records.send(master, {"took": True})  # first: until it has this, the master may give it to another
+        except OSError:
+            pass
         if len(fds) != 1:
             records.close_all(fds)
             return

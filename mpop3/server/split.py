@@ -31,6 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
+from dataclasses import dataclass
 
 from ..protocol import replies
 from . import privs, records, scoreboard, tls
@@ -250,15 +252,22 @@ class Split(Supervisor):
         if refusal is not None:
             refuse(client, refusal)
             return
+        self.hand_to_mail(InFlight(who, records.session(handover, lines), client, address))
+
+    def hand_to_mail(self, flight):
+        """Send a session to its mail process, and keep our copy of the
+        client until that process says it took it: a process that dies
+        first (its first act on a session is to say so) leaves it to be
+        sent to another."""
         try:
-            mail = self.send_to_mail_process(who, records.session(handover, lines), client)
+            mail = self.send_to_mail_process(flight.who, flight.record, flight.client)
         except OSError as e:
-            log.error("%s: refused, cannot start or reach a mail process: %s", address, e.strerror or e)
-            self.admission.release(address)
-            refuse(client, replies.ERR_NO_SESSION_PROCESS)
+            log.error("%s: refused, cannot start or reach a mail process: %s", flight.address, e.strerror or e)
+            self.admission.release(flight.address)
+            refuse(flight.client, replies.ERR_NO_SESSION_PROCESS)
             return
-        client.close()
-        mail.sessions.append(address)
+        mail.in_flight.append(flight)
+        mail.sessions.append(flight.address)
         mail.idle_since = None
 
     def send_to_mail_process(self, who, record, client):
@@ -317,20 +326,34 @@ class Split(Supervisor):
             loop.close()
 
     def mail_said(self, mail):
+        """One record of a mail process; False once there is none to read."""
         try:
             record, fds = records.take(mail.sock)
-        except BlockingIOError:
-            return
+        except (BlockingIOError, OSError):
+            return False
         records.close_all(fds)
         if record is None:
-            self.let_go(mail)
-            return
+            self.mail_gone(mail)
+            return False
+        if record.get("took") is True and mail.in_flight:  # in the order they were sent
+            mail.in_flight.popleft().client.close()
+            return True
         address = record.get("ended")
         if address in mail.sessions:
             mail.sessions.remove(address)
             self.admission.release(address)
             if not mail.sessions:
                 mail.idle_since = time.monotonic()
+        return True
+
+    def mail_gone(self, mail):
+        """Its end of the socket is closed (it ended, or died): sessions it
+        had not taken go to another."""
+        self.let_go(mail)
+        flights, mail.in_flight = list(mail.in_flight), deque()
+        for flight in flights:
+            mail.sessions.remove(flight.address)
+            self.hand_to_mail(flight)
 
     def let_go(self, mail):
         """No more sessions for this mail process: it ends once its own have."""
@@ -348,7 +371,10 @@ class Split(Supervisor):
             log.error("%s process %d killed by signal %d", kind[0], pid, os.WTERMSIG(status))
         if kind[0] == "mail":
             mail = kind[1]
-            self.let_go(mail)
+            if mail.sock.fileno() >= 0:
+                while self.mail_said(mail):  # what it said before it died, then its end
+                    pass
+            self.mail_gone(mail)
             for address in mail.sessions:  # they died with it
                 self.admission.release(address)
             mail.sessions = []
@@ -470,7 +496,19 @@ class MailProcess:
         self.uid = uid
         self.sock = sock
         self.sessions = []  # client addresses, one per session it serves
+        self.in_flight = deque()  # InFlight sessions sent to it, not yet taken
         self.idle_since = None  # monotonic time it last had no session
+
+
+@dataclass
+class InFlight:
+    """A session on its way to a mail process: our copy of its client
+    stays open until the process has taken it."""
+
+    who: object  # privs identity the session is served as
+    record: dict
+    client: socket.socket
+    address: str
 
 
 class LoginProcess:
