@@ -2,6 +2,7 @@
 #
 #   make                 build in place (creates the virtualenv .venv first)
 #   make install         install under $(PREFIX) (honours DESTDIR)
+#   make install-user    as root: make the account of the login processes (LOGIN_USER, default mpop3login)
 #   make test            build, lint, then run the whole test suite
 #   make test-quick      build, then the suite minus tests needing root, real clients or time (< 1 min)
 #   make lint            ruff: lint and format check (`make format` rewrites)
@@ -28,7 +29,7 @@ PYTEST_ARGS ?=
 RUFF = $(VENV)/bin/ruff
 QUICK = not root and not clients and not slow
 
-.PHONY: all build install test test-quick lint format bench run clean distclean
+.PHONY: all build install install-user test test-quick lint format bench run clean distclean
 
 all: build
 
@@ -75,6 +76,18 @@ install: build
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/mpop3.conf ]; then \
 	    echo "keeping the existing $(DESTDIR)$(SYSCONFDIR)/mpop3.conf"; \
 	else install -m 644 mpop3.conf $(DESTDIR)$(SYSCONFDIR)/mpop3.conf; fi
+	@if [ -z "$(DESTDIR)" ] && ! id -u $(LOGIN_USER) >/dev/null 2>&1; then \
+	    echo "no account $(LOGIN_USER) yet: started as root, each session gets a process that is root until login;"; \
+	    echo "make it with: make install-user (as root), for processes by role (README: Privileges)"; fi
+
+# The account login processes run as (login_user): a system account with no
+# home and no shell, and a group of its own; nothing else uses it. Made only
+# if missing; never changed if present.
+LOGIN_USER ?= mpop3login
+install-user:
+	@if id -u $(LOGIN_USER) >/dev/null 2>&1; then echo "$(LOGIN_USER) exists: left as it is"; \
+	else useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+	    --user-group $(LOGIN_USER) && echo "made the system account $(LOGIN_USER)"; fi
 
 test: build lint
 	$(VPY) -m pytest -q $(PYTEST_ARGS) tests

@@ -69,3 +69,26 @@ def test_destdir_stages_without_baking_it_in(tmp_path):
     unit = (stage / "opt/mpop3/lib/systemd/system/mpop3@.service").read_text()
     assert "ExecStart=/opt/mpop3/bin/mpop3 -s -c /opt/mpop3/etc/mpop3.conf" in unit
     assert "server_args = -s -c /opt/mpop3/etc/mpop3.conf" in (stage / "opt/mpop3/share/mpop3/xinetd.mpop3").read_text()
+
+
+@pytest.mark.root
+def test_install_user_makes_the_login_account_once(tmp_path):
+    """A system account with no shell and a group of its own; a second run
+    leaves it alone."""
+    import pwd
+
+    name = "mpop3t-inst"
+    subprocess.run(["userdel", "-f", name], capture_output=True)
+    try:
+        make = ["make", "-s", "install-user", f"LOGIN_USER={name}"]
+        first = subprocess.run(make, cwd=TREE, capture_output=True, text=True, timeout=60)
+        assert first.returncode == 0 and f"made the system account {name}" in first.stdout, first
+        account = pwd.getpwnam(name)
+        assert account.pw_uid < 1000 and account.pw_shell == "/usr/sbin/nologin"
+        assert not os.path.exists(account.pw_dir)
+        again = subprocess.run(make, cwd=TREE, capture_output=True, text=True, timeout=60)
+        assert f"{name} exists: left as it is" in again.stdout
+        assert pwd.getpwnam(name) == account
+    finally:
+        subprocess.run(["userdel", "-f", name], capture_output=True)
+        subprocess.run(["groupdel", name], capture_output=True)
