@@ -129,8 +129,8 @@ def split_by_role(conf):
     except KeyError:
         log.warning(
             "login_user %s does not exist: each session runs in a process of its own that is root until its "
-            "login; make the account (useradd --system --no-create-home --shell /usr/sbin/nologin %s) "
-            "for processes by role, or say `login_user none`",
+            "login; make the account (make install-user, or useradd --system --no-create-home "
+            "--shell /usr/sbin/nologin %s) for processes by role, or say `login_user none`",
             name,
             name,
         )
