@@ -177,6 +177,20 @@ def test_a_process_per_session_refuses_proxy_listeners(tmp_path):
     assert "listen_proxy and listen_tls_proxy need processes by role (login_user)" in result.stderr
 
 
+def test_accepted_connections_have_keepalive(spawn):
+    """A balancer's machine that vanishes without a FIN: its sessions end
+    (and free their mailboxes) after the keepalive probes, not idle_timeout."""
+    port = free_port()
+    start_server(spawn, listen_proxy=f"127.0.0.1:{port}", proxy_trusted_networks="127.0.0.1")
+    sock = raw(port)
+    sock.sendall(v2_header("192.0.2.7", 40000))
+    assert sock.recv(100).startswith(b"+OK")
+    server_side = subprocess.run(
+        ["ss", "-tnoH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, timeout=10
+    ).stdout
+    assert "timer:(keepalive," in server_side, server_side
+
+
 # --- through a real HAProxy ---------------------------------------------------------------------
 
 
