@@ -174,9 +174,7 @@ def serve_operations(service, ops):
     if ops.control_socket is not None:
         loop.add_reader(ops.control_socket.fileno(), ops.answer_control, board)
     if ops.metrics_socket is not None:
-        loop.run_until_complete(
-            operations.serve_metrics(loop, ops.metrics_socket, lambda: operations.render(board, {}))
-        )
+        loop.run_until_complete(operations.serve_metrics(ops.metrics_socket, lambda: operations.render(board, {})))
 
 
 def serve_connection(conf, tables, sock, channel, before_open):

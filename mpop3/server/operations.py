@@ -253,7 +253,7 @@ def render(board, processes):
     return metrics.exposition(board.totals(), {**board.roles(), **processes})
 
 
-async def serve_metrics(loop, listener, text):
+async def serve_metrics(listener, text):
     """Answer scrapes on `listener` with `text()` (the exposition bytes)."""
 
     async def scrape(reader, writer):
@@ -328,7 +328,7 @@ def serve_metrics_process(listener, parent):
 
     loop = new_loop()
     try:
-        loop.run_until_complete(serve_metrics(loop, listener, text))
+        loop.run_until_complete(serve_metrics(listener, text))
         loop.run_forever()
     finally:
         loop.close()

@@ -12,19 +12,17 @@ parent's (mpop3/server/supervisor.py), so they too hold whichever worker
 a client reaches.
 """
 
-import ctypes
 import logging
 import os
 import signal
 import time
 
 from .shared_counts import SharedCounts
-from .supervisor import Supervisor
+from .supervisor import Supervisor, end_with_parent
 
 log = logging.getLogger("mpop3.server")
 
 RESPAWN_PAUSE = 1.0  # a worker that dies at once is not restarted in a tight loop
-PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 class Prefork(Supervisor):
@@ -94,16 +92,3 @@ class Prefork(Supervisor):
     def finished(self):
         log.info("all server processes stopped")
         return 1 if self.failed else 0
-
-
-def end_with_parent():
-    """Linux: get SIGTERM if the parent dies (even by SIGKILL), so that no
-    worker is left serving on its own; the check after it covers a parent
-    that died before the request was made."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM must do
-        return
-    if os.getppid() == 1:
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -16,13 +16,12 @@ slot's serial changes at each new session, so a kick that comes late ends
 nothing).
 """
 
-import mmap
 import os
 import signal
 import struct
 import time
 
-from . import metrics
+from . import metrics, shared_memory
 
 HEADER = struct.Struct("<8sqq")  # magic, pid, slots
 MAGIC = b"mpop3sb1"
@@ -57,19 +56,7 @@ class Segment:
     @classmethod
     def create(cls, slots, keep_fd=False):
         size = SLOTS_AT + SLOT.size * max(1, slots)
-        try:
-            fd = os.memfd_create("mpop3-scoreboard", os.MFD_CLOEXEC)
-        except (AttributeError, OSError):  # not Linux: only forks can share it
-            return cls(mmap.mmap(-1, size), slots)
-        try:
-            os.ftruncate(fd, size)
-            memory = mmap.mmap(fd, size)
-        except OSError:
-            os.close(fd)
-            raise
-        if not keep_fd:
-            os.close(fd)
-            fd = None
+        memory, fd = shared_memory.create("mpop3-scoreboard", size, keep_fd)
         segment = cls(memory, slots, fd)
         HEADER.pack_into(memory, 0, MAGIC, os.getpid(), slots)
         return segment
@@ -77,8 +64,7 @@ class Segment:
     @classmethod
     def attach(cls, fd):
         """The segment a parent passed across an exec (a login process)."""
-        memory = mmap.mmap(fd, 0)
-        os.close(fd)
+        memory = shared_memory.attach(fd)
         magic, _, slots = HEADER.unpack_from(memory, 0)
         if magic != MAGIC or SLOTS_AT + SLOT.size * max(1, slots) > len(memory):
             raise ValueError("not a scoreboard segment")

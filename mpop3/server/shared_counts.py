@@ -16,8 +16,9 @@ process's column: its sessions ended with it.
 """
 
 import hashlib
-import mmap
 import os
+
+from . import shared_memory
 
 BUCKETS = 65536
 CELL = "I"  # unsigned 32-bit counts
@@ -35,22 +36,12 @@ class SharedCounts:
 
     @classmethod
     def create(cls, columns, key, keep_fd=False):
-        size = columns * (BUCKETS + 1) * 4
-        try:
-            fd = os.memfd_create("mpop3-counts", os.MFD_CLOEXEC)
-        except (AttributeError, OSError):  # not Linux: only forks share it
-            return cls(mmap.mmap(-1, size), columns, key)
-        os.ftruncate(fd, size)
-        memory = mmap.mmap(fd, size)
-        if not keep_fd:
-            os.close(fd)
-            fd = None
+        memory, fd = shared_memory.create("mpop3-counts", columns * (BUCKETS + 1) * 4, keep_fd)
         return cls(memory, columns, key, fd=fd)
 
     @classmethod
     def attach(cls, fd, columns, key, column):
-        memory = mmap.mmap(fd, 0)
-        os.close(fd)
+        memory = shared_memory.attach(fd)
         if len(memory) != columns * (BUCKETS + 1) * 4:
             raise ValueError("not a session counts table")
         return cls(memory, columns, key, column)

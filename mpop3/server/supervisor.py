@@ -291,7 +291,6 @@ class Supervisor:
         self.selector.register(ours, selectors.EVENT_READ, self.metrics_asked)
 
     def be_metrics(self, listener, parent):
-        from .prefork import end_with_parent
         from .privs import safe_identity, switch_or_log
 
         end_with_parent()
@@ -500,7 +499,8 @@ class RemoteClock(Remote, LoginDelayClock):
         self.channel.tell(b"logged-in %s\n" % self.channel.mailbox_mark(mailbox).hex().encode())
 
 
-PR_SET_NAME = 15  # <sys/prctl.h>
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+PR_SET_NAME = 15
 
 
 def name_process(role):
@@ -511,3 +511,16 @@ def name_process(role):
         ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(f"mpop3-{role}".encode()[:15]))
     except (OSError, AttributeError):
         pass
+
+
+def end_with_parent():
+    """Linux: get SIGTERM if the parent dies (even by SIGKILL), so that no
+    worker is left serving on its own; the check after it covers a parent
+    that died before the request was made."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM must do
+        return
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
