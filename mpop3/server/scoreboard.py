@@ -39,7 +39,7 @@ FREE = 0
 KICK_SIGNAL = signal.SIGUSR1  # "look at your slots' kick fields"
 
 
-class Segment:
+class Segment(shared_memory.Mapped):
     """One process's part of the scoreboard."""
 
     def __init__(self, memory, slots, fd=None):
@@ -69,16 +69,6 @@ class Segment:
         if magic != MAGIC or SLOTS_AT + SLOT.size * max(1, slots) > len(memory):
             raise ValueError("not a scoreboard segment")
         return cls(memory, slots)
-
-    def close_fd(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def close(self):
-        self.close_fd()
-        self.cells.release()
-        self.memory.close()
 
     # --- the writer: this process's sessions ------------------------------------
 

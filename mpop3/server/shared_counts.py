@@ -16,7 +16,6 @@ process's column: its sessions ended with it.
 """
 
 import hashlib
-import os
 
 from . import shared_memory
 
@@ -24,7 +23,7 @@ BUCKETS = 65536
 CELL = "I"  # unsigned 32-bit counts
 
 
-class SharedCounts:
+class SharedCounts(shared_memory.Mapped):
     def __init__(self, memory, columns, key, column=0, fd=None):
         self.memory = memory
         self.columns = columns
@@ -70,13 +69,3 @@ class SharedCounts:
         """The parent, once the process writing `column` has ended."""
         start = column * self.stride * 4
         self.memory[start : start + self.stride * 4] = bytes(self.stride * 4)
-
-    def close_fd(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def close(self):
-        self.close_fd()
-        self.cells.release()
-        self.memory.close()

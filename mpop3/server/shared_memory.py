@@ -31,3 +31,20 @@ def attach(fd):
         return mmap.mmap(fd, 0)
     finally:
         os.close(fd)
+
+
+class Mapped:
+    """What a process holds of a shared mapping: `memory`, its `cells` view
+    and, in the parent until an exec'd child has it, its descriptor `fd`."""
+
+    memory = cells = fd = None
+
+    def close_fd(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def close(self):
+        self.close_fd()
+        self.cells.release()
+        self.memory.close()
