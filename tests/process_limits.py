@@ -1,5 +1,6 @@
-"""Processes of a server under test: its children, and a limit on how
-many it may have (a pids cgroup: fork then fails with EAGAIN, root or not)."""
+"""Processes of a server under test: its children and theirs, and a limit
+on how many it may have (a pids cgroup: fork then fails with EAGAIN, root
+or not)."""
 
 import contextlib
 import os
@@ -8,18 +9,22 @@ from pop_server import wait_for
 
 
 def children(pid):
-    """The pids of the processes whose parent is `pid`."""
+    """The pids of the processes whose parent is `pid` (made by any of its threads)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(p) for p in f.read().split()]
+    except (FileNotFoundError, ProcessLookupError):  # it ended while we looked
+        pass
     return found
+
+
+def descendants(pid):
+    """Its children, theirs, and so on (a split server's mail processes are
+    its spawner's children)."""
+    found = children(pid)
+    return found + [d for child in found for d in descendants(child)]
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import pytest
 from conftest import LOGIN_USER
 from mbox_helpers import mbox
 from pop_server import TREE, Wire, free_port, wait_for
+from process_limits import children, descendants
 from test_models import MODELS, site
 
 from mpop3.server.operations import ask
@@ -204,7 +205,7 @@ def test_who_lists_a_session_and_kick_ends_it_without_committing(spawn, request,
     assert lines[0].split() == ["USER", "ADDRESS", "TLS", "SINCE", "STATE", "PID"]
     bob = [line.split() for line in lines if line.startswith("bob ")]
     assert len(bob) == 1 and bob[0][1:3] == ["127.0.0.1", "no"] and bob[0][5] == "transaction"
-    assert int(bob[0][6]) in [server.proc.pid, *children(server.proc.pid)]
+    assert int(bob[0][6]) in [server.proc.pid, *descendants(server.proc.pid)]
     assert any(line.split()[0] == "-" and "authorization" in line for line in lines[1:])  # the one not logged in
 
     kick = mpop3(server.conf_path, "kick", "bob")
@@ -312,11 +313,6 @@ def test_the_logout_line_after_fetchmail_says_what_it_took(spawn, request, tmp_p
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def children(pid):
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 def comm(pid):

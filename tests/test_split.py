@@ -17,7 +17,7 @@ import time
 import pytest
 from mbox_helpers import mbox
 from pop_server import TREE, Wire, free_port, wait_for, write_site
-from process_limits import process_limit
+from process_limits import children, descendants, process_limit
 from system_users import system_user
 
 from mpop3.protocol import replies
@@ -38,17 +38,12 @@ def test_cleartext_login_and_retr(spawn, login_user, tmp_path):
     assert (tmp_path / "spool" / "vera").read_bytes() == mbox(b"Subject: two\n\nsecond\n")
 
 
-def children(pid):
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
 def status(pid):
     return dict(line.rstrip("\n").split(":\t", 1) for line in open(f"/proc/{pid}/status"))
 
 
 def role(pid):
-    """What the process calls itself: "login", "auth", "mail", or "gone"
+    """What the process calls itself: "login", "auth", "spawner", "mail", or "gone"
     (it ended while we looked)."""
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -59,10 +54,8 @@ def role(pid):
 
 def test_each_role_has_its_identity(spawn, login_user):
     server = spawn({"vera": "pw"}, {"vera": SPOOL}, {"login_user": LOGIN_USER, "processes": "2"})
-    pids = wait_for(
-        lambda: len(p := children(server.proc.pid)) == 3 and sorted(map(role, p)) == ["auth", "login", "login"] and p,
-        seconds=10,
-    )
+    roles = ["auth", "login", "login", "spawner"]
+    pids = wait_for(lambda: sorted(map(role, p := children(server.proc.pid))) == roles and p, seconds=10)
     logins = [p for p in pids if role(p) == "login"]
     for pid in logins:
         wait_for(lambda pid=pid: status(pid)["Uid"].split()[0] != "0", seconds=10)  # started, locked in
@@ -74,6 +67,8 @@ def test_each_role_has_its_identity(spawn, login_user):
         assert os.readlink(f"/proc/{pid}/root") != "/"
     (auth,) = [p for p in pids if role(p) == "auth"]  # auth_file needs no root: safe_user
     assert status(auth)["Uid"].split() == [str(pwd.getpwnam("nobody").pw_uid)] * 4
+    (spawner,) = [p for p in pids if role(p) == "spawner"]  # root: it gives each mail process its user
+    assert status(spawner)["Uid"].split() == ["0"] * 4
 
 
 BIG = b"Subject: big\n\n" + b"".join(b"line %07d of a 7 MB message, with text to fill it\n" % n for n in range(135000))
@@ -144,8 +139,8 @@ def split_site(spawn, **extra):
 
 def role_pids(server):
     """The login processes, and the others: the auth process first, then
-    the mail processes, oldest first."""
-    roles = {pid: role(pid) for pid in children(server.proc.pid)}
+    the mail processes (the spawner's children), oldest first."""
+    roles = {pid: role(pid) for pid in descendants(server.proc.pid)}
     logins = [p for p, r in roles.items() if r == "login"]
     auth = [p for p, r in roles.items() if r == "auth"]
     mail = [p for p, r in roles.items() if r == "mail"]
@@ -415,7 +410,8 @@ def test_a_refused_fork_is_an_err_and_the_master_goes_on(spawn, login_user):
     server = split_site(spawn)
     (login,), _ = wait_for(lambda: len((r := role_pids(server))[0]) == 1 and r, seconds=10)
     wait_for(lambda: status(login)["Uid"].split()[0] != "0", seconds=10)
-    with process_limit(server.proc.pid, 1) as set_limit:  # the master alone: it cannot fork
+    (spawner,) = [p for p in children(server.proc.pid) if role(p) == "spawner"]
+    with process_limit(spawner, 1) as set_limit:  # the spawner alone: it cannot fork
         w = Wire(server.port)
         w.cmd("USER vera")
         assert w.cmd("PASS pw") == replies.ERR_NO_SESSION_PROCESS.wire[:-2]

@@ -9,9 +9,11 @@ client sends (rules 1 and 2 with `login_user` set; docs/architecture.md).
                      sessions each, up to the login
     auth process     checks credentials (auth_service.py): root if the auth
                      module needs it, else safe_user
-    mail processes   one per logged-in session, forked by the master, which
-                     become the mailbox's user (the privilege rules) before
-                     opening it, and serve the rest of the session
+    spawner          forked once, root: forks the mail processes for the
+                     master, so that the master forks none (spawner.py)
+    mail processes   one per mailbox user (uid), forked by the spawner, which
+                     become that user (the privilege rules) at once, and
+                     serve the rest of that user's sessions
 
 A login process hands a logged-in session to the master with the auth
 process's ticket; the master redeems the ticket, so the mailbox served is
@@ -34,13 +36,15 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from .. import config
+from .. import log as logs
 from ..protocol import replies
-from . import privs, records, scoreboard, tls
+from . import privs, records, scoreboard, spawner, tls
 from .auth_service import AuthServer
 from .limits import Admission
 from .per_session import prepare_for_forks, refuse
 from .shared_counts import SharedCounts
-from .supervisor import HANDLED, ChildReports, Supervisor
+from .supervisor import HANDLED, ChildReports, Supervisor, become_subreaper
 
 log = logging.getLogger("mpop3.server")
 
@@ -65,6 +69,7 @@ class Split(Supervisor):
         self.admission = Admission(*limits, self.counts, values["ipv6_prefix"], judge_shared=False)
         self.jail = None
         self.auth = None  # (pid, control socket)
+        self.spawner = None  # its SpawnerProcess, while it runs
         self.logins = {}  # slot -> its LoginProcess (the one taking new clients)
         self.due = {}  # slot (or "auth") -> monotonic time of a restart
         self.mail = {}  # uid -> its MailProcess, while it takes sessions
@@ -79,7 +84,9 @@ class Split(Supervisor):
     def started(self):
         self.jail = tempfile.mkdtemp(prefix="mpop3-login-root-")  # empty, root's, 0700
         os.chmod(self.jail, 0o555)
+        become_subreaper()  # a mail process whose spawner died is still ours to reap
         self.start_auth()
+        self.start_spawner()
         for slot in range(self.conf.values["processes"]):
             self.start_login(slot)
         log.info(
@@ -296,27 +303,59 @@ class Split(Supervisor):
             raise
         return mail
 
-    def start_mail_process(self, who):
+    def start_spawner(self):
         ours, theirs = records.pair()
-        pid, channel = self.fork(role="mail", slots=self.conf.values["max_sessions"])
+        pid, channel = self.fork()
         if pid == 0:
             ours.close()
-            self.child_main("mail process", lambda: self.be_mail(who, theirs, channel))
+            channel.sock.close()
+            for sock in self.sockets:
+                sock.close()
+            self.auth[1].close()
+            serving = spawner.Spawner(theirs, self.throttle, self.clock, self.serve_mail_as, self.reload_spawned)
+            self.child_main("spawner process", serving.run)
         theirs.close()
         ours.setblocking(False)
-        mail = MailProcess(pid, who.uid, ours)
+        self.spawner = SpawnerProcess(pid, ours)
+        self.selector.register(ours, selectors.EVENT_READ, self.spawner_said)
+        self.children[pid] = ("spawner",)
+
+    def start_mail_process(self, who):
+        """A mail process for `who`, asked of the spawner: sessions sent to
+        it wait in its socket until it runs; its pid comes later."""
+        if self.spawner is None:
+            raise OSError(errno.EAGAIN, "the spawner is being restarted")
+        ours, theirs = records.pair()
+        channel, channel_theirs = socket.socketpair()
+        segment = None
+        try:
+            segment = scoreboard.Segment.create(self.conf.values["max_sessions"], keep_fd=True)
+            given = [theirs.fileno(), channel_theirs.fileno(), segment.fd]
+            records.send(self.spawner.sock, spawner.identity_record(who), given)
+        except OSError:
+            for sock in (ours, channel):
+                sock.close()
+            if segment is not None:
+                segment.close()
+            raise
+        finally:
+            theirs.close()
+            channel_theirs.close()
+        segment.close_fd()
+        ours.setblocking(False)
+        channel.setblocking(False)
+        mail = MailProcess(None, who.uid, ours, segment)
+        self.spawner.asked.append(mail)
         self.selector.register(ours, selectors.EVENT_READ, lambda sock: self.mail_said(mail))
-        self.children[pid] = ("mail", mail)
+        self.selector.register(channel, selectors.EVENT_READ, ChildReports(self, channel, None).read)
         return mail
 
-    def be_mail(self, who, sock, channel):
+    def serve_mail_as(self, who, sock, channel):
+        """A mail process's life, in the spawner's child: become `who`, then
+        serve what the master sends."""
         from .mail_service import serve_mail
         from .service import new_loop
 
-        for listening in self.sockets:
-            listening.close()
-        if self.auth is not None:
-            self.auth[1].close()
         if not privs.switch_or_log(who):
             return 1
         loop = new_loop()
@@ -324,6 +363,54 @@ class Split(Supervisor):
             return serve_mail(self.conf, self.tables, loop, sock, channel)
         finally:
             loop.close()
+
+    def reload_spawned(self):
+        """SIGHUP, in the spawner: mail processes started from now on get
+        the configuration as it is now (the master logs the reload)."""
+        new = config.reload(self.conf)
+        if new is not None:
+            logs.reload_level(self.conf, new)
+            self.conf = new
+
+    def spawner_said(self, sock):
+        """The spawner's answers, in the order it was asked, and the ends
+        of the mail processes it reaped."""
+        while True:
+            try:
+                record, fds = records.take(sock)
+            except BlockingIOError:
+                return
+            records.close_all(fds)
+            if record is None:  # it died: child_ended does the rest
+                self.selector.unregister(sock)
+                return
+            if "ended" in record:
+                pid, status = record.get("ended"), record.get("status")
+                if type(pid) is int and type(status) is int and self.children.get(pid, ("",))[0] == "mail":
+                    self.board.retire(pid)
+                    self.child_ended(pid, status)
+            elif self.spawner.asked:
+                self.spawner_answered(self.spawner.asked.popleft(), record)
+
+    def spawner_answered(self, mail, record):
+        pid = record.get("started")
+        if type(pid) is int and pid > 0 and pid not in self.children:
+            mail.pid = pid
+            self.children[pid] = ("mail", mail)
+            self.board.add(pid, "mail", mail.segment)
+            return
+        log.error("cannot start a mail process: %s", record.get("failed", "no pid"))
+        self.not_started(mail)
+
+    def not_started(self, mail):
+        """A mail process that will never run: its sessions are refused."""
+        self.let_go(mail)
+        mail.segment.close()
+        for flight in mail.in_flight:
+            self.admission.release(flight.address)
+            refuse(flight.client, replies.ERR_NO_SESSION_PROCESS)
+        mail.in_flight.clear()
+        mail.sessions = []
 
     def mail_said(self, mail):
         """One record of a mail process; False once there is none to read."""
@@ -369,7 +456,9 @@ class Split(Supervisor):
         kind = self.children.pop(pid)
         if os.WIFSIGNALED(status):
             log.error("%s process %d killed by signal %d", kind[0], pid, os.WTERMSIG(status))
-        if kind[0] == "mail":
+        if kind[0] == "spawner":
+            self.spawner_ended()
+        elif kind[0] == "mail":
             mail = kind[1]
             if mail.sock.fileno() >= 0:
                 while self.mail_said(mail):  # what it said before it died, then its end
@@ -397,6 +486,20 @@ class Split(Supervisor):
             self.auth = None
             self.due["auth"] = time.monotonic() + RESTART_DELAY
 
+    def spawner_ended(self):
+        """Mail processes it started run on (ours to reap now); those it
+        was asked for and did not say it started may never run: their
+        sockets tell (mail_gone)."""
+        ended, self.spawner = self.spawner, None
+        if ended.sock.fileno() >= 0:
+            if ended.sock in {key.fileobj for key in self.selector.get_map().values()}:
+                self.selector.unregister(ended.sock)
+            ended.sock.close()
+        for mail in ended.asked:
+            mail.segment.close()
+        if not self.stopping:
+            self.due["spawner"] = time.monotonic() + RESTART_DELAY
+
     def timeout(self):
         times = list(self.due.values())
         idle = self.conf.values["mail_process_idle"]
@@ -419,10 +522,13 @@ class Split(Supervisor):
                 if what == "auth":
                     self.start_auth()
                     self.new_auth_sockets()
+                elif what == "spawner":
+                    self.start_spawner()
                 else:
                     self.start_login(what)
             except OSError as e:
-                log.error("cannot start a %s process: %s", "auth" if what == "auth" else "login", e.strerror or e)
+                kind = what if what in ("auth", "spawner") else "login"
+                log.error("cannot start the %s process: %s", kind, e.strerror or e)
                 self.due[what] = now + RESTART_DELAY
 
     def new_auth_sockets(self):
@@ -471,7 +577,7 @@ class Split(Supervisor):
             super().forward(signum)
             return
         for pid, kind in self.children.items():
-            if kind[0] == "mail":
+            if kind[0] in ("mail", "spawner"):
                 try:
                     os.kill(pid, signum)
                 except ProcessLookupError:
@@ -491,13 +597,23 @@ class Split(Supervisor):
 class MailProcess:
     """The master's record of a mail process."""
 
-    def __init__(self, pid, uid, sock):
-        self.pid = pid
+    def __init__(self, pid, uid, sock, segment):
+        self.pid = pid  # None until the spawner says it started
         self.uid = uid
         self.sock = sock
+        self.segment = segment  # its scoreboard segment
         self.sessions = []  # client addresses, one per session it serves
         self.in_flight = deque()  # InFlight sessions sent to it, not yet taken
         self.idle_since = None  # monotonic time it last had no session
+
+
+class SpawnerProcess:
+    """The master's record of the spawner."""
+
+    def __init__(self, pid, sock):
+        self.pid = pid
+        self.sock = sock
+        self.asked = deque()  # MailProcesses asked for, not yet answered, in order
 
 
 @dataclass

@@ -501,6 +501,7 @@ class RemoteClock(Remote, LoginDelayClock):
 
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def name_process(role):
@@ -524,3 +525,12 @@ def end_with_parent():
         return
     if os.getppid() == 1:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def become_subreaper():
+    """Linux: orphans among our descendants (a mail process whose spawner
+    died) become our children, for us to reap, not init's."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
+    except (OSError, AttributeError):
+        pass
