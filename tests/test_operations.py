@@ -112,6 +112,7 @@ def test_metrics_follow_real_sessions(spawn, request, model):
     assert after['mpop3_processes{role="master"}'] == (0 if model == "shared" else 1)
     if model == "split":
         assert after['mpop3_processes{role="login"}'] == 1 and after['mpop3_processes{role="auth"}'] == 1
+        assert after['mpop3_processes{role="spawner"}'] == 1
     if model == "prefork":
         assert after['mpop3_processes{role="server"}'] == 2
     text = scrape(port)

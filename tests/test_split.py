@@ -211,6 +211,27 @@ def test_kill_9_of_the_auth_process_and_logins_go_on(spawn, login_user):
     assert reply.startswith(b"+OK maildrop"), reply
 
 
+def test_kill_9_of_the_spawner_leaves_its_mail_processes_serving(spawn, login_user):
+    """The spawner forks the mail processes: killed, the one it started
+    serves on and is reaped by the master (not left a zombie), and a new
+    spawner starts the next."""
+    server = split_site(spawn, mail_process_idle="0")
+    logged_in = Wire(server.port)
+    logged_in.login("vera", "pw")
+    _, (auth, mail) = wait_for(lambda: len((r := role_pids(server))[1]) == 2 and r, seconds=10)
+    (spawner,) = [p for p in children(server.proc.pid) if role(p) == "spawner"]
+    kill_9(spawner)
+    assert mail in children(server.proc.pid)  # the master's now
+    assert logged_in.cmd("STAT").startswith(b"+OK 2 ")
+    assert logged_in.cmd("QUIT").startswith(b"+OK")
+    wait_for(lambda: stat_fields(mail)[0] == "", seconds=10)  # ended, and reaped
+    wait_for(lambda: [p for p in children(server.proc.pid) if role(p) == "spawner"], seconds=10)
+    w = Wire(server.port)
+    w.login("walt", "pw")  # in a mail process of the new spawner
+    assert w.cmd("STAT").startswith(b"+OK 2 ")
+    assert [p for p in role_pids(server)[1] if p != auth] != [mail]
+
+
 def test_a_mail_process_per_uid_reused_and_killed_alone(spawn, login_user, tmp_path):
     """vera and walt have no system account: one mail process serves both
     (mail_owner, here safe_user), one after the other and at once; carl's

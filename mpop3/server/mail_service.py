@@ -17,13 +17,18 @@ import socket
 from . import records
 from .connection import Connection
 from .service import SERVICE_SIGNALS, Service
+from .workers import InlineWorkers
 
 log = logging.getLogger("mpop3.server")
 
 
-def serve_mail(conf, tables, loop, master, channel):
-    """Run on `loop` until the master lets go and every session has ended."""
-    service = Service(conf, tables, loop, limits=(channel.throttle, channel.clock))
+def serve_mail(conf, tables, loop, master, channel, one_user=False):
+    """Run on `loop` until the master lets go and every session has ended.
+    `one_user`: the process serves one system user's mailbox, so one
+    session at a time: its jobs run on the loop's thread, as in a process
+    per session (InlineWorkers); no thread is started."""
+    workers = InlineWorkers(loop) if one_user else None
+    service = Service(conf, tables, loop, workers=workers, limits=(channel.throttle, channel.clock))
     master.setblocking(False)
     state = {"open": True}
 

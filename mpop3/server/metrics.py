@@ -149,7 +149,7 @@ def observe(cells, histogram, seconds):
 
 # --- the text format ---------------------------------------------------------------
 
-PROCESS_ROLES = ("master", "server", "session", "login", "auth", "mail", "metrics")
+PROCESS_ROLES = ("master", "server", "session", "login", "auth", "spawner", "mail", "metrics")
 
 
 def exposition(totals, processes):

@@ -47,11 +47,14 @@ class Segment(shared_memory.Mapped):
         self.slots = slots
         self.fd = fd  # kept only to pass across an exec
         self.cells = memoryview(memory)[CELLS_AT:SLOTS_AT].cast("q")
-        self.free = list(range(slots - 1, -1, -1))  # ours to hand out, in this process
-        self.serials = [0] * slots
+        # ours to hand out, in this process: slots released, then those
+        # from `unused` on (a mail process uses few of its thousands)
+        self.free = []
+        self.unused = 0
+        self.serials = {}
         # what we wrote last, kept here so that a write reads nothing back
-        self.seqs = [0] * slots
-        self.shown = [(0.0, b"", b"")] * slots  # (since, address, user)
+        self.seqs = {}
+        self.shown = {}  # (since, address, user)
 
     @classmethod
     def create(cls, slots, keep_fd=False):
@@ -75,17 +78,21 @@ class Segment(shared_memory.Mapped):
     def claim(self, address, state, secure, user=b""):
         """A slot for a new session, or None when all are taken (it is then
         counted but not listed)."""
-        if not self.free:
+        if self.free:
+            index = self.free.pop()
+        elif self.unused < self.slots:
+            index = self.unused
+            self.unused += 1
+        else:
             return None
-        index = self.free.pop()
-        self.serials[index] = serial = (self.serials[index] + 1) & 0xFFFFFFFF or 1
+        self.serials[index] = serial = (self.serials.get(index, 0) + 1) & 0xFFFFFFFF or 1
         self.write(index, serial, state + 1, secure, address, user)
         return index
 
     def update(self, index, state, secure, user=b""):
         if user == self.shown[index][2]:  # the state alone: two bytes
             at = SLOTS_AT + index * SLOT.size
-            writing = self.seqs[index] | 1
+            writing = self.seqs.get(index, 0) | 1
             U32.pack_into(self.memory, at, writing)
             STATE.pack_into(self.memory, at + FIELDS_AT, state + 1, secure)
             self.seqs[index] = written = (writing + 1) & 0xFFFFFFFF
@@ -105,7 +112,7 @@ class Segment(shared_memory.Mapped):
         else:
             since = time.time()
         self.shown[index] = (since, address, user)
-        writing = self.seqs[index] | 1  # odd: being written
+        writing = self.seqs.get(index, 0) | 1  # odd: being written
         U32.pack_into(memory, at, writing)
         U32.pack_into(memory, at + 4, serial)
         FIELDS.pack_into(memory, at + FIELDS_AT, state, secure, since, address[:63], user[:255])

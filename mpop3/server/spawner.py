@@ -12,7 +12,8 @@ It stays root, to give each mail process its user, and reads only what
 the master sends it.
 
 From the master, one record per mail process to start: {"who": the
-identity (privs.Identity)} with three descriptors beside it: the mail
+identity (privs.Identity), "one_user": whether it serves one user's
+mailbox alone (mail_service.py)} with three descriptors beside it: the mail
 process's socket to the master (mail_service.py), its channel for the
 shared limits (supervisor.Channel) and its scoreboard segment (a memfd).
 To the master, in that order: {"started": pid} or {"failed": reason} for
@@ -34,11 +35,12 @@ log = logging.getLogger("mpop3.server")
 
 
 class Spawner:
-    def __init__(self, requests, throttle, clock, serve, reload):
+    def __init__(self, requests, throttle, clock, prepare, serve, reload):
         self.requests = requests  # our socket to the master
         self.throttle = throttle  # the master's, as its children's channels fall back on them
         self.clock = clock
-        self.serve = serve  # serve(who, sock, channel): a mail process's life, as that user
+        self.prepare = prepare  # imports, and what else every mail process would do first
+        self.serve = serve  # serve(who, one_user, sock, channel): a mail process's life, as that user
         self.reload = reload  # SIGHUP: re-read the configuration
         self.children = set()
         self.taking = True
@@ -55,6 +57,7 @@ class Spawner:
             signal.signal(signum, lambda *_: None)  # the wake-up fd carries them
         self.selector.register(wake_r, selectors.EVENT_READ, self.signalled)
         self.selector.register(self.requests, selectors.EVENT_READ, self.asked)
+        self.prepare()
         gc.collect()
         gc.freeze()  # what is here now is never scanned again, here or in a child
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
@@ -76,6 +79,7 @@ class Spawner:
             return
         try:
             who = identity_from(record)
+            one_user = records.flag(record, "one_user")
             if len(fds) != 3:
                 raise records.BadRecord("a mail process needs three descriptors")
         except records.BadRecord as e:
@@ -83,7 +87,7 @@ class Spawner:
             self.answer({"failed": str(e)})
             return
         try:
-            pid = self.fork(who, *fds)
+            pid = self.fork(who, one_user, *fds)
         except OSError as e:
             self.answer({"failed": e.strerror or str(e)})
         else:
@@ -92,7 +96,7 @@ class Spawner:
         finally:
             records.close_all(fds)
 
-    def fork(self, who, sock_fd, channel_fd, segment_fd):
+    def fork(self, who, one_user, sock_fd, channel_fd, segment_fd):
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)  # the child's loop unblocks them
         try:
             pid = os.fork()
@@ -108,7 +112,7 @@ class Spawner:
             name_process("mail")
             scoreboard.own = scoreboard.Segment.attach(segment_fd)
             channel = Channel(socket.socket(fileno=channel_fd), self.throttle, self.clock)
-            code = self.serve(who, socket.socket(fileno=sock_fd), channel)
+            code = self.serve(who, one_user, socket.socket(fileno=sock_fd), channel)
         except BaseException:
             log.exception("mail process failed")
         finally:
@@ -160,8 +164,8 @@ class Spawner:
             self.selector.unregister(self.requests)
 
 
-def identity_record(who):
-    return {"who": [who.name, who.uid, who.gid, who.mail_gid]}
+def request(who, one_user):
+    return {"who": [who.name, who.uid, who.gid, who.mail_gid], "one_user": one_user}
 
 
 def identity_from(record):

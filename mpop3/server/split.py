@@ -49,6 +49,7 @@ from .supervisor import HANDLED, ChildReports, Supervisor, become_subreaper
 log = logging.getLogger("mpop3.server")
 
 RESTART_DELAY = 1.0  # a login or auth process that died is started again after this
+TRIES = 2  # mail processes a session is sent to, while they end before taking it
 
 
 class Split(Supervisor):
@@ -312,7 +313,9 @@ class Split(Supervisor):
             for sock in self.sockets:
                 sock.close()
             self.auth[1].close()
-            serving = spawner.Spawner(theirs, self.throttle, self.clock, self.serve_mail_as, self.reload_spawned)
+            serving = spawner.Spawner(
+                theirs, self.throttle, self.clock, self.prepare_mail_processes, self.serve_mail_as, self.reload_spawned
+            )
             self.child_main("spawner process", serving.run)
         theirs.close()
         ours.setblocking(False)
@@ -331,7 +334,9 @@ class Split(Supervisor):
         try:
             segment = scoreboard.Segment.create(self.conf.values["max_sessions"], keep_fd=True)
             given = [theirs.fileno(), channel_theirs.fileno(), segment.fd]
-            records.send(self.spawner.sock, spawner.identity_record(who), given)
+            # a system user's own mailbox has one session at a time ([IN-USE])
+            one_user = who != self.identities.fixed
+            records.send(self.spawner.sock, spawner.request(who, one_user), given)
         except OSError:
             for sock in (ours, channel):
                 sock.close()
@@ -350,7 +355,17 @@ class Split(Supervisor):
         self.selector.register(channel, selectors.EVENT_READ, ChildReports(self, channel, None).read)
         return mail
 
-    def serve_mail_as(self, who, sock, channel):
+    @staticmethod
+    def prepare_mail_processes():
+        """In the spawner: what each mail process would import and set up
+        first, done once, so that they share it (copies of the pages it
+        makes would be each one's own)."""
+        from .mail_service import serve_mail  # noqa: F401
+        from .service import new_loop
+
+        new_loop().close()
+
+    def serve_mail_as(self, who, one_user, sock, channel):
         """A mail process's life, in the spawner's child: become `who`, then
         serve what the master sends."""
         from .mail_service import serve_mail
@@ -360,7 +375,7 @@ class Split(Supervisor):
             return 1
         loop = new_loop()
         try:
-            return serve_mail(self.conf, self.tables, loop, sock, channel)
+            return serve_mail(self.conf, self.tables, loop, sock, channel, one_user)
         finally:
             loop.close()
 
@@ -440,7 +455,14 @@ class Split(Supervisor):
         flights, mail.in_flight = list(mail.in_flight), deque()
         for flight in flights:
             mail.sessions.remove(flight.address)
-            self.hand_to_mail(flight)
+            flight.tries += 1
+            if flight.tries < TRIES:
+                self.hand_to_mail(flight)
+                continue
+            # mail processes of this user die before they take a session: no loop of forks
+            log.error("%s: refused, %d mail processes ended before taking the session", flight.address, TRIES)
+            self.admission.release(flight.address)
+            refuse(flight.client, replies.ERR_NO_SESSION_PROCESS)
 
     def let_go(self, mail):
         """No more sessions for this mail process: it ends once its own have."""
@@ -625,6 +647,7 @@ class InFlight:
     record: dict
     client: socket.socket
     address: str
+    tries: int = 0  # mail processes that ended before taking it
 
 
 class LoginProcess:

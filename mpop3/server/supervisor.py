@@ -262,8 +262,8 @@ class Supervisor:
         """Processes by role, for /metrics."""
         counts = {"master": 1, **self.board.roles()}
         for kind in self.children.values():
-            if type(kind) is tuple and kind and kind[0] == "auth":
-                counts["auth"] = counts.get("auth", 0) + 1
+            if type(kind) is tuple and kind and kind[0] in ("auth", "spawner"):
+                counts[kind[0]] = counts.get(kind[0], 0) + 1
         if self.metrics_process is not None:
             counts["metrics"] = 1
         return counts
@@ -502,27 +502,27 @@ class RemoteClock(Remote, LoginDelayClock):
 PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
+try:
+    prctl = ctypes.CDLL(None).prctl
+except (OSError, AttributeError):  # not Linux
+    prctl = None
 
 
 def name_process(role):
     """Name this process "mpop3-ROLE" where ps, top and /proc/PID/comm show
     it, so that an administrator (and a test) can tell the roles apart.
     Linux only; elsewhere the name stays the interpreter's."""
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(f"mpop3-{role}".encode()[:15]))
-    except (OSError, AttributeError):
-        pass
+    if prctl is not None:
+        prctl(PR_SET_NAME, ctypes.c_char_p(f"mpop3-{role}".encode()[:15]))
 
 
 def end_with_parent():
     """Linux: get SIGTERM if the parent dies (even by SIGKILL), so that no
     worker is left serving on its own; the check after it covers a parent
     that died before the request was made."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM must do
+    if prctl is None:  # not Linux: the parent's SIGTERM must do
         return
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() == 1:
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -530,7 +530,5 @@ def end_with_parent():
 def become_subreaper():
     """Linux: orphans among our descendants (a mail process whose spawner
     died) become our children, for us to reap, not init's."""
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
-    except (OSError, AttributeError):
-        pass
+    if prctl is not None:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
