@@ -404,6 +404,23 @@ def test_sighup_replaces_the_login_processes_gracefully(spawn, login_user, certi
     Wire(server.port).login("walt", "pw")
 
 
+def test_mail_processes_started_after_sighup_have_the_new_configuration(spawn, login_user, tmp_path):
+    """The spawner re-reads the configuration too: a mail process it
+    starts after a SIGHUP ends an idle session at the new idle_timeout."""
+    server = split_site(spawn, mail_process_idle="0", idle_timeout="600")
+    (old,), _ = wait_for(lambda: len((r := role_pids(server))[0]) == 1 and r, seconds=10)
+    conf = tmp_path / "mpop3.conf"
+    conf.write_text(conf.read_text().replace("idle_timeout 600", "idle_timeout 1"))
+    os.kill(server.proc.pid, signal.SIGHUP)
+    wait_for(lambda: [p for p in role_pids(server)[0] if p != old], seconds=10)  # the master has reloaded
+    time.sleep(0.5)
+    w = Wire(server.port)
+    w.login("vera", "pw")
+    start = time.monotonic()
+    assert w.closed(timeout=10)
+    assert 0.8 < time.monotonic() - start < 5
+
+
 def test_a_login_user_not_made_yet_keeps_a_process_per_session_and_says_so(spawn):
     server = split_site(spawn, login_user="mpop3t-nobody-made-this")
     w = Wire(server.port)
