@@ -312,7 +312,8 @@ class Split(Supervisor):
             channel.sock.close()
             for sock in self.sockets:
                 sock.close()
-            self.auth[1].close()
+            if self.auth is not None:
+                self.auth[1].close()
             serving = spawner.Spawner(
                 theirs, self.throttle, self.clock, self.prepare_mail_processes, self.serve_mail_as, self.reload_spawned
             )
@@ -397,7 +398,8 @@ class Split(Supervisor):
                 return
             records.close_all(fds)
             if record is None:  # it died: child_ended does the rest
-                self.selector.unregister(sock)
+                if sock in self.selector.get_map():
+                    self.selector.unregister(sock)
                 return
             if "ended" in record:
                 pid, status = record.get("ended"), record.get("status")
@@ -512,11 +514,11 @@ class Split(Supervisor):
         """Mail processes it started run on (ours to reap now); those it
         was asked for and did not say it started may never run: their
         sockets tell (mail_gone)."""
-        ended, self.spawner = self.spawner, None
+        ended = self.spawner
         if ended.sock.fileno() >= 0:
-            if ended.sock in {key.fileobj for key in self.selector.get_map().values()}:
-                self.selector.unregister(ended.sock)
+            self.spawner_said(ended.sock)  # what it said before it died, to its end
             ended.sock.close()
+        self.spawner = None
         for mail in ended.asked:
             mail.segment.close()
         if not self.stopping:
