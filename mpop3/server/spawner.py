@@ -29,7 +29,7 @@ import signal
 import socket
 
 from . import privs, records, scoreboard
-from .supervisor import HANDLED, Channel, end_with_parent, name_process
+from .supervisor import HANDLED, Channel, end_with_parent, name_process, stop_waking, wake_on_signals
 
 log = logging.getLogger("mpop3.server")
 
@@ -49,13 +49,8 @@ class Spawner:
 
     def run(self):
         end_with_parent()
-        self.wake = wake_r, wake_w = os.pipe()
-        for fd in self.wake:
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(wake_w)
-        for signum in HANDLED:
-            signal.signal(signum, lambda *_: None)  # the wake-up fd carries them
-        self.selector.register(wake_r, selectors.EVENT_READ, self.signalled)
+        self.wake = wake_on_signals()
+        self.selector.register(self.wake[0], selectors.EVENT_READ, self.signalled)
         self.selector.register(self.requests, selectors.EVENT_READ, self.asked)
         self.prepare()
         gc.collect()
@@ -121,13 +116,9 @@ class Spawner:
 
     def leave(self):
         """In a new mail process: nothing of the spawner's but the request's descriptors."""
-        signal.set_wakeup_fd(-1)
-        for signum in HANDLED:
-            signal.signal(signum, signal.SIG_DFL)
         self.selector.close()
         self.requests.close()
-        for fd in self.wake:
-            os.close(fd)
+        stop_waking(self.wake)
 
     def answer(self, record):
         try:

@@ -69,14 +69,9 @@ class Supervisor:
 
     def run(self):
         """Serve until stopped and every child has ended; the exit code."""
-        self.wake = wake_r, wake_w = os.pipe()
-        for fd in self.wake:
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(wake_w)
-        for signum in HANDLED:
-            signal.signal(signum, lambda *_: None)  # the wake-up fd carries them
+        self.wake = wake_on_signals()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-        self.selector.register(wake_r, selectors.EVENT_READ, self.signalled)
+        self.selector.register(self.wake[0], selectors.EVENT_READ, self.signalled)
         self.started()
         self.start_operations()
         while not (self.stopping and not self.children and self.metrics_process is None):
@@ -153,15 +148,11 @@ class Supervisor:
         if self.operations is not None:
             self.operations.close(unlink=False)
             self.operations = None
-        signal.set_wakeup_fd(-1)
-        for signum in HANDLED:
-            signal.signal(signum, signal.SIG_DFL)
         for key in list(self.selector.get_map().values()):
             if key.fileobj != self.wake[0]:
                 key.fileobj.close()  # listening sockets, other children's channels
-        for fd in self.wake:
-            os.close(fd)
         self.selector.close()
+        stop_waking(self.wake)
 
     def child_main(self, what, serve):
         """In a new child: serve() to its end, then exit with its code."""
@@ -319,6 +310,28 @@ class Supervisor:
             return
         log.error("the metrics process %d ended (status %d); starting another", pid, status)
         self.start_metrics_process()
+
+
+def wake_on_signals():
+    """The signals a selector loop handles (HANDLED) arrive as bytes on a
+    pipe, to select on: its two ends, non-blocking."""
+    wake = os.pipe()
+    for fd in wake:
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wake[1])
+    for signum in HANDLED:
+        signal.signal(signum, lambda *_: None)  # the wake-up fd carries them
+    return wake
+
+
+def stop_waking(wake):
+    """In a forked child: those signals back to their defaults (still
+    held), the pipe closed."""
+    signal.set_wakeup_fd(-1)
+    for signum in HANDLED:
+        signal.signal(signum, signal.SIG_DFL)
+    for fd in wake:
+        os.close(fd)
 
 
 class ChildReports:
