@@ -23,7 +23,6 @@ SIGTERM: no more starts; it ends once its mail processes have. With the
 master gone, it ends at once (the mail processes serve on).
 """
 
-import gc
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ class Spawner:
         self.requests = requests  # our socket to the master
         self.throttle = throttle  # the master's, as its children's channels fall back on them
         self.clock = clock
-        self.prepare = prepare  # imports, and what else every mail process would do first
+        self.prepare = prepare  # imports, and what else every mail process would do first, then gc.freeze
         self.serve = serve  # serve(who, one_user, sock, channel): a mail process's life, as that user
         self.reload = reload  # SIGHUP: re-read the configuration
         self.taking = True
@@ -53,8 +52,6 @@ class Spawner:
         end_with_parent()
         self.wake = wake_on_signals()
         self.prepare()
-        gc.collect()
-        gc.freeze()  # what is here now is never scanned again, here or in a child
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         while True:
             outcome = _forks.serve(self.requests.fileno(), self.wake[0], self.taking, list(HANDLED), signal.SIGCHLD)

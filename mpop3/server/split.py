@@ -97,7 +97,6 @@ class Split(Supervisor):
             self.conf.values["login_user"],
             self.auth[0],
         )
-        prepare_for_forks()
 
     def start_auth(self):
         ours, theirs = records.pair()
@@ -110,7 +109,7 @@ class Split(Supervisor):
         self.auth = (pid, ours)
 
     def leave(self, segment=None):
-        """A forked child (auth, mail, metrics) keeps no way to the counts."""
+        """A forked child (auth, spawner, metrics) keeps no way to the counts."""
         super().leave(segment)
         self.counts.close()
 
@@ -362,9 +361,8 @@ class Split(Supervisor):
         first, done once, so that they share it (copies of the pages it
         makes would be each one's own)."""
         from .mail_service import serve_mail  # noqa: F401
-        from .service import new_loop
 
-        new_loop().close()
+        prepare_for_forks()
 
     def serve_mail_as(self, who, one_user, sock, channel):
         """A mail process's life, in the spawner's child: become `who`, then
